@@ -1,0 +1,5 @@
+import sys
+
+from devicekit.cli import main
+
+sys.exit(main())

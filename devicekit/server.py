@@ -1,0 +1,157 @@
+"""The device daemon: TVM's RPC server plus edgekit's device functions.
+
+TVM's `rpc.Server` runs its listener in a worker process and forks one process per session. That
+worker outlives its parent if the parent dies without cleaning up, so the init callback below also
+starts a watchdog that ends the worker (and any session) once the daemon process is gone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["serve", "DEFAULT_BIND", "DEFAULT_PORT", "EXPOSED_WARNING"]
+
+log = logging.getLogger("edgekit-device")
+
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_PORT = 9090
+EXPOSED_WARNING = (
+    "listening on {addr}: TVM's RPC server grants remote code execution to anyone who can reach "
+    "this port; expose it only on a trusted network, or use edgekit's ssh transport instead"
+)
+
+
+def _register_functions(store_dir: str, daemon_pid: int) -> None:
+    """Runs inside TVM's server worker: registers the `edgekit.*` functions the host calls."""
+    import tvm_ffi
+
+    from devicekit.info import device_info
+    from devicekit.store import ArtifactStore, StoreError
+
+    store = ArtifactStore(Path(store_dir))
+
+    def workpath(name: str) -> Path:
+        return Path(tvm_ffi.get_global_func("tvm.rpc.server.workpath")(name))
+
+    def link(tar: Path, output: Path) -> None:
+        from tvm.support import cc, tar as tar_util, utils
+
+        tmp = utils.tempdir()
+        tar_util.untar(str(tar), tmp.temp_dir)
+        cc.create_shared(str(output), [tmp.relpath(x) for x in tmp.listdir()])
+
+    @tvm_ffi.register_global_func("edgekit.device_info", override=True)
+    def _info() -> str:
+        return json.dumps(device_info())
+
+    @tvm_ffi.register_global_func("edgekit.artifact_has", override=True)
+    def _has(sha256: str) -> bool:
+        return store.find(sha256) is not None
+
+    @tvm_ffi.register_global_func("edgekit.artifact_commit", override=True)
+    def _commit(upload_name: str, sha256: str) -> str:
+        return str(store.commit(workpath(upload_name), sha256))
+
+    @tvm_ffi.register_global_func("edgekit.artifact_load", override=True)
+    def _load(sha256: str):  # noqa: ANN202 - returns a runtime Module handle to the host
+        import tvm
+
+        try:
+            path = store.library_path(sha256, link)
+        except StoreError as exc:
+            raise RuntimeError(f"edgekit: {exc}") from exc
+        return tvm.runtime.load_module(str(path))
+
+    watchdog = threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True)
+    watchdog.start()
+
+
+def _exit_with_daemon(daemon_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(daemon_pid, 0)
+        except ProcessLookupError:
+            _kill_children()
+            os._exit(0)
+
+
+def _kill_children() -> None:
+    try:
+        import psutil
+    except ImportError:
+        return
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+
+
+def serve(
+    host: str = DEFAULT_BIND,
+    port: int = DEFAULT_PORT,
+    port_end: int | None = None,
+    tracker: tuple[str, int] | None = None,
+    key: str = "",
+    store_dir: Path | None = None,
+    port_file: Path | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    from tvm import rpc
+
+    from devicekit.store import default_store_dir
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(EXPOSED_WARNING.format(addr=f"{host}:{port}"))
+    store_dir = store_dir or default_store_dir()
+    if port == 0:
+        # TVM's server cannot bind port 0 (it treats the port as unset); scan from a random base.
+        port = random.randrange(20000, 60000)
+        port_end = port + 500
+    init = functools.partial(_register_functions, str(store_dir), os.getpid())
+    server = rpc.Server(
+        host=host,
+        port=port,
+        port_end=port_end or port + 1,
+        tracker_addr=tracker,
+        key=key,
+        server_init_callback=init,
+    )
+    log.info("edgekit-device serving on %s:%d (artifacts in %s)", host, server.port, store_dir)
+    if tracker:
+        log.info("registered with tracker %s:%d as key %r", tracker[0], tracker[1], key)
+    if port_file:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(f"{server.port}\n", encoding="utf-8")
+        os.replace(tmp, port_file)
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    while not stop.wait(0.5):
+        if server.proc is None or not server.proc.is_alive():
+            log.error("the RPC server process died; stopping")
+            return 1
+    server.terminate()
+    log.info("stopped")
+    return 0
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )

@@ -1,0 +1,78 @@
+"""edgekit's exceptions: one root, a shallow tree, one clear line each.
+
+    EdgekitError                 every error a user can cause or fix; the CLI prints str(exc)
+    ├── InventoryError           inventory.yaml: missing file, unknown key, wrong type, duplicate
+    ├── TargetError              a target tag or dict TVM rejects; a missing cross compiler
+    ├── ModelError               unknown model name, unreadable weights or .pt2 file
+    ├── CompileError             import to Relax (unsupported operator) or compilation failed
+    ├── ConnectError             the device cannot be reached, or its TVM does not match
+    ├── TransferError            an artifact did not reach the device intact
+    ├── RemoteError              loading or running on the device failed
+    └── TuneError                tuning found no valid candidate, or its records are unusable
+
+Foreign exceptions (TVM, torch, paramiko, sockets) are mapped at the seam that calls them,
+always with `raise ... from exc`, so the cause stays in the debug log.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgekitError",
+    "InventoryError",
+    "TargetError",
+    "ModelError",
+    "CompileError",
+    "ConnectError",
+    "TransferError",
+    "RemoteError",
+    "TuneError",
+]
+
+
+class EdgekitError(Exception):
+    """An error edgekit explains in one line; `device` and `stage` say where it happened."""
+
+    def __init__(self, message: str, *, device: str | None = None, stage: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.device = device
+        self.stage = stage
+        self.hint = hint
+
+    def __str__(self) -> str:
+        where = f"{self.device}: " if self.device else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}{self.message}{hint}"
+
+
+class InventoryError(EdgekitError):
+    pass
+
+
+class TargetError(EdgekitError):
+    pass
+
+
+class ModelError(EdgekitError):
+    pass
+
+
+class CompileError(EdgekitError):
+    pass
+
+
+class ConnectError(EdgekitError):
+    pass
+
+
+class TransferError(EdgekitError):
+    pass
+
+
+class RemoteError(EdgekitError):
+    pass
+
+
+class TuneError(EdgekitError):
+    pass

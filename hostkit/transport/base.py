@@ -1,0 +1,101 @@
+"""The one transport seam: how the host reaches a device's RPC daemon.
+
+Deploy, bench and tune see only `Transport`: open it (starting tunnels or daemons if the device
+needs them), ask it for RPC sessions, hand it artifacts, close it. Whatever a transport started, it
+stops on close. Sockets, paramiko and subprocesses live behind this seam and nowhere else.
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from hostkit.errors import ConnectError, TransferError
+from hostkit.inventory import Device
+
+if TYPE_CHECKING:
+    from tvm.rpc import RPCSession
+
+__all__ = ["Transport", "Progress", "port_open", "connect_rpc"]
+
+Progress = Callable[[int, int], None]
+
+
+def port_open(host: str, port: int, timeout: float) -> bool:
+    """True when something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -> "RPCSession":
+    """An RPC session to a daemon at host:port, with TVM's errors mapped to ConnectError."""
+    from tvm import rpc
+
+    hint = hint or f"is the daemon running there? try `edgekit devices` or `edgekit doctor --device {device.name}`"
+    if not port_open(host, port, device.connect_timeout):
+        raise ConnectError(f"cannot reach {host}:{port}", device=device.name, stage="connect",
+                           hint=hint)
+    try:
+        return rpc.connect(host, port, session_timeout=device.session_timeout)
+    except Exception as exc:  # TVM raises plain RuntimeError/TVMError for every failure
+        raise ConnectError(f"RPC handshake with {host}:{port} failed: {_first_line(exc)}",
+                           device=device.name, stage="connect", hint=hint) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+class Transport(ABC):
+    """Reach one device; a context manager that stops whatever it started."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    @abstractmethod
+    def open(self) -> None:
+        """Make the device's daemon reachable (start tunnels or a managed daemon if needed)."""
+
+    @abstractmethod
+    def session(self) -> "RPCSession":
+        """A new RPC session with the daemon."""
+
+    def close(self) -> None:
+        """Stop what `open` started."""
+
+    @property
+    def address(self) -> str:
+        return self.device.address
+
+    def put_artifact(self, sess: "RPCSession", path: Path, sha256: str,
+                     progress: Progress | None = None) -> None:
+        """Send an artifact into the device's store; the device checks its hash before keeping it.
+
+        Over RPC the file travels as one message, so progress is reported at start and end.
+        """
+        size = path.stat().st_size
+        if progress:
+            progress(0, size)
+        upload_name = f"{sha256}{path.suffix}"
+        try:
+            sess.upload(str(path), upload_name)
+            sess.get_function("edgekit.artifact_commit")(upload_name, sha256)
+        except Exception as exc:
+            raise TransferError(f"upload of {path.name} ({size} bytes) failed: {_first_line(exc)}",
+                                device=self.device.name, stage="upload") from exc
+        if progress:
+            progress(size, size)
+
+    def __enter__(self) -> "Transport":
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
