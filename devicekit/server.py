@@ -61,15 +61,16 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     def _commit(upload_name: str, sha256: str) -> str:
         return str(store.commit(workpath(upload_name), sha256))
 
-    @tvm_ffi.register_global_func("edgekit.artifact_load", override=True)
-    def _load(sha256: str):  # noqa: ANN202 - returns a runtime Module handle to the host
-        import tvm
+    @tvm_ffi.register_global_func("edgekit.artifact_path", override=True)
+    def _path(sha256: str) -> str:
+        """The loadable library of an artifact (linked here if it came as a .tar).
 
+        The host passes it to `RPCSession.load_module`, which accepts an absolute path.
+        """
         try:
-            path = store.library_path(sha256, link)
+            return str(store.library_path(sha256, link))
         except StoreError as exc:
             raise RuntimeError(f"edgekit: {exc}") from exc
-        return tvm.runtime.load_module(str(path))
 
     watchdog = threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True)
     watchdog.start()

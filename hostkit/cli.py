@@ -1,0 +1,335 @@
+"""`edgekit`: parse flags, call the library, render, map errors to exit codes.
+
+Exit codes: 0 all ok; 1 a run failed on some device or an edgekit error; 2 bad usage.
+An EdgekitError is one red line; an unexpected error is one line pointing at a debug log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hostkit import __version__
+from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE, cache_dir
+from hostkit.errors import EdgekitError, InventoryError
+from hostkit.inventory import Device, Inventory, load_inventory, parse_inventory
+
+__all__ = ["main"]
+
+# Used when no inventory file is found: the embedded local device alone.
+BUILTIN_INVENTORY = {"devices": {"local": {"target": {"kind": "llvm"}, "managed": "local",
+                                           "description": "this machine, over loopback"}}}
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-shape expects positive integers like "
+                                         f"1,3,224,224, got {text!r}")
+    return dims
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"edgekit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--inventory", "-i", type=Path, default=None, metavar="FILE",
+                        help=f"inventory file (default: $EDGEKIT_INVENTORY, ./{INVENTORY_FILE}, "
+                             "or the built-in local device)")
+    common.add_argument("--json", action="store_true", help="print JSON records on stdout")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--repeat", type=_positive, default=DEFAULT_REPEAT,
+                     help=f"timed runs on the device (default {DEFAULT_REPEAT})")
+    run.add_argument("--warmup", type=_count, default=DEFAULT_WARMUP,
+                     help=f"untimed runs before timing (default {DEFAULT_WARMUP})")
+    run.add_argument("--weights", type=Path, default=None, help="a state dict for the model")
+    run.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
+                     help="input shape, e.g. 1,3,224,224")
+    run.add_argument("--format", choices=["so", "tar"], default=None,
+                     help="artifact format: so (linked here) or tar (linked on the board)")
+    run.add_argument("--atol", type=float, default=1e-3,
+                     help="largest abs diff vs PyTorch that still counts as ok (default 1e-3)")
+    run.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
+
+    parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
+                                                 "with Apache TVM.")
+    parser.add_argument("--version", action="version", version=f"edgekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    dep = sub.add_parser("deploy", parents=[common, run], help="compile, ship, run and check a model")
+    dep.add_argument("--device", "-d", required=True, help="device name from the inventory")
+    dep.add_argument("model", help="torchvision model name or path to a .pt2 ExportedProgram")
+
+    bench = sub.add_parser("bench", parents=[common, run], help="benchmark models across devices")
+    pick = bench.add_mutually_exclusive_group()
+    pick.add_argument("--device", "-d", action="append", default=None, help="repeatable")
+    pick.add_argument("--group", "-g", help="every device of an inventory group")
+    pick.add_argument("--all-devices", action="store_true", help="every device in the inventory")
+    bench.add_argument("models", nargs="*", default=None, help="models (default resnet18)")
+    bench.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write CSV")
+
+    sub.add_parser("devices", parents=[common], help="list devices and whether they answer")
+    sub.add_parser("models", parents=[common], help="list the model names edgekit knows")
+
+    tune = sub.add_parser("tune", parents=[common], help="tune a model on a device (MetaSchedule)")
+    tune.add_argument("--device", "-d", required=True)
+    tune.add_argument("model")
+    tune.add_argument("--trials", type=_positive, default=2000, help="total trials (default 2000)")
+    tune.add_argument("--trials-per-task", type=_positive, default=None)
+    tune.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                      help="stop starting new trials after this many minutes")
+    tune.add_argument("--weights", type=Path, default=None)
+    tune.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS")
+
+    board = sub.add_parser("board", parents=[common], help="the emulated ARM board (qemu)")
+    board.add_argument("action", choices=["up", "down", "status"])
+    board.add_argument("--device", "-d", default="pi4-emu")
+
+    dev = sub.add_parser("device", parents=[common], help="provision a board over SSH")
+    dev.add_argument("action", choices=["install"])
+    dev.add_argument("--device", "-d", required=True)
+
+    doc = sub.add_parser("doctor", parents=[common], help="diagnose a device step by step")
+    doc.add_argument("--device", "-d", required=True)
+    return parser
+
+
+def _inventory(args: argparse.Namespace) -> Inventory:
+    if args.inventory is not None:
+        return load_inventory(args.inventory)
+    env = os.environ.get("EDGEKIT_INVENTORY")
+    if env:
+        return load_inventory(env)
+    if Path(INVENTORY_FILE).is_file():
+        return load_inventory(INVENTORY_FILE)
+    return parse_inventory(BUILTIN_INVENTORY)
+
+
+def _console(args: argparse.Namespace) -> Any:
+    from rich.console import Console
+
+    # With --json, stdout carries only JSON; progress and tables go to stderr.
+    return Console(stderr=bool(getattr(args, "json", False)), highlight=False)
+
+
+def _progress_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
+    from hostkit.models import ModelSpec
+
+    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape) for n in names]
+
+
+def _with_flags(device: Device, args: argparse.Namespace) -> Device:
+    return device.with_overrides(format=getattr(args, "format", None))
+
+
+def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> list[Any]:
+    from hostkit.deploy import RunOptions, run_fleet
+
+    options = RunOptions(repeat=args.repeat, warmup=args.warmup, atol=args.atol,
+                         use_tuning=not args.no_tuning)
+    specs = _specs(args, models)
+    console = _progress_console()
+    with console.status("starting", spinner="dots") as status:
+        def step(device: str, model: str, what: str) -> None:
+            label = device if model == "*" else f"{device} · {model}"
+            status.update(f"[bold]{label}[/bold]: {what}")
+            if not console.is_terminal:
+                console.print(f"{label}: {what}", style="dim")
+
+        return run_fleet([_with_flags(d, args) for d in devices], specs, options, step)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from hostkit.report import deploy_summary, to_json
+
+    device = _inventory(args).get(args.device)
+    (result,) = _run(args, [device], [args.model])
+    if args.json:
+        print(to_json(result.to_json()))
+    else:
+        deploy_summary(_console(args), result)
+    return 0 if result.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hostkit.report import bench_table, to_json, write_csv
+
+    inventory = _inventory(args)
+    if args.all_devices:
+        devices = list(inventory.devices.values())
+    elif args.group:
+        devices = inventory.group(args.group)
+    elif args.device:
+        devices = [inventory.get(name) for name in args.device]
+    else:
+        raise InventoryError("choose devices with --device NAME, --group G or --all-devices")
+    results = _run(args, devices, args.models or ["resnet18"])
+    if args.csv:
+        write_csv(args.csv, results)
+    if args.json:
+        print(to_json([r.to_json() for r in results]))
+    else:
+        bench_table(_console(args), results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from hostkit.probe import probe_all
+    from hostkit.report import devices_table, to_json
+
+    inventory = _inventory(args)
+    rows = probe_all(list(inventory.devices.values()))
+    if args.json:
+        print(to_json(rows))
+    else:
+        devices_table(_console(args), rows)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hostkit.models import available_models
+
+    names = available_models()
+    print(json.dumps(names) if args.json else "\n".join(names))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hostkit.report import to_json
+    from hostkit.tune import tune_on_device
+
+    device = _inventory(args).get(args.device)
+    (spec,) = _specs(args, [args.model])
+    summary = tune_on_device(device, spec, trials=args.trials,
+                             trials_per_task=args.trials_per_task,
+                             time_budget_min=args.time_budget, console=_progress_console())
+    if args.json:
+        print(to_json(summary))
+    else:
+        _console(args).print(
+            f"[green]tuned[/green] {summary['model']} on {summary['device']}: "
+            f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
+            f"{summary['tune_s']:.0f}s; records in {summary['records_dir']}. "
+            f"`edgekit deploy --device {device.name} {args.model}` applies them.")
+    return 0
+
+
+def cmd_board(args: argparse.Namespace) -> int:
+    from hostkit import emulator
+
+    device = _inventory(args).get(args.device)
+    if device.managed != "qemu-arm64":
+        raise InventoryError(f"device '{device.name}' is not an emulated board (managed: "
+                             f"{device.managed}); pick one with managed: qemu-arm64")
+    console = _console(args)
+    if args.action == "up":
+        host, port = emulator.board_up(device)
+        state: dict[str, Any] = {"device": device.name, "status": "up", "address": f"{host}:{port}"}
+    elif args.action == "down":
+        emulator.board_down(device)
+        state = {"device": device.name, "status": "down"}
+    else:
+        state = emulator.board_status(device)
+    if args.json:
+        print(to_json_plain(state))
+    else:
+        console.print(" · ".join(f"{k}: {v}" for k, v in state.items()))
+    return 0
+
+
+def to_json_plain(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from hostkit.provision import install_device
+
+    device = _inventory(args).get(args.device)
+    console = _progress_console()
+    with console.status(f"installing devicekit on {device.name}") as status:
+        summary = install_device(device, lambda what: status.update(f"{device.name}: {what}"))
+    if args.json:
+        print(to_json_plain(summary))
+    else:
+        _console(args).print(f"[green]installed[/green] devicekit on {device.name}: {summary}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hostkit.doctor import diagnose
+
+    device = _inventory(args).get(args.device)
+    checks = diagnose(device)
+    if args.json:
+        print(to_json_plain([c.__dict__ for c in checks]))
+    else:
+        console = _console(args)
+        for check in checks:
+            mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
+            fix = f" [yellow]→ {check.fix}[/yellow]" if not check.ok and check.fix else ""
+            console.print(f"{mark} {check.name}: {check.detail}{fix}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "deploy": cmd_deploy, "bench": cmd_bench, "devices": cmd_devices, "models": cmd_models,
+    "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgekitError as exc:
+        print(f"edgekit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgekit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback for the report
+        log_path = cache_dir() / "logs" / "debug.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(traceback.format_exc())
+        print(f"edgekit: unexpected error: {type(exc).__name__}: {exc} (traceback in {log_path}; "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Result records: one per (device, model). Rendering lives in `report`; `--json` emits these."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Latency", "Accuracy", "RunResult", "compare_outputs"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50: float
+    p90: float
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "Latency":
+        arr = np.asarray(samples_ms, dtype=np.float64)
+        if arr.size == 0:
+            return cls(math.nan, math.nan, math.nan, math.nan, 0)
+        return cls(p50=float(np.percentile(arr, 50)), p90=float(np.percentile(arr, 90)),
+                   mean=float(arr.mean()), std=float(arr.std()), n=int(arr.size))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    max_abs_diff: float
+    top1_match: bool | None
+    top5_match: bool | None
+
+
+def compare_outputs(got: list[np.ndarray], want: list[np.ndarray]) -> Accuracy:
+    """Max abs diff over all outputs; top-1/top-5 agreement of the first output if it is a logit."""
+    if len(got) != len(want):
+        return Accuracy(math.inf, False, False)
+    diff = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return Accuracy(math.inf, False, False)
+        diff = max(diff, float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))))
+    first_got, first_want = got[0].reshape(got[0].shape[0], -1), want[0].reshape(want[0].shape[0], -1)
+    if first_got.shape[-1] < 2:
+        return Accuracy(diff, None, None)
+    top1 = bool(np.array_equal(first_got.argmax(-1), first_want.argmax(-1)))
+    k = min(5, first_got.shape[-1])
+    top5_got = np.sort(np.argsort(-first_got, axis=-1)[:, :k], axis=-1)
+    top5_want = np.sort(np.argsort(-first_want, axis=-1)[:, :k], axis=-1)
+    return Accuracy(diff, top1, bool(np.array_equal(top5_got, top5_want)))
+
+
+@dataclass
+class RunResult:
+    """What a deploy or bench of one model on one device produced; `status` is ok or failed."""
+
+    device: str
+    model: str
+    target: str | None = None
+    status: str = "failed"
+    error: str | None = None
+    stage: str | None = None
+    artifact_sha256: str | None = None
+    artifact_bytes: int | None = None
+    cached: bool | None = None
+    uploaded: bool | None = None
+    tuned: bool = False
+    records: str | None = None
+    emulated: bool = False
+    max_abs_diff: float | None = None
+    top1_match: bool | None = None
+    top5_match: bool | None = None
+    compile_s: float | None = None
+    upload_s: float | None = None
+    load_s: float | None = None
+    first_inference_ms: float | None = None
+    latency_ms: Latency | None = None
+    device_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: _finite(v) for k, v in data.items()}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
