@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the sshd child before exec: SIGTERM it if pytest dies, so no server outlives a run."""
+    """Runs in the sshd child before exec: SIGTERM it when pytest dies, so no server outlives it."""
     import ctypes
     import signal
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from hostkit.inventory import Device, load_inventory
 from hostkit.transport import make_transport
 from hostkit.transport.ssh import SshTransport
 from hostkit.transport.sshconn import SshConnection
-from sshd import Sshd, sshd_missing, start_sshd, write_inventory
+from sshd import Sshd, free_port, sshd_missing, start_sshd, write_inventory
 
 pytestmark = pytest.mark.integration
 
@@ -280,7 +281,10 @@ def test_install_device_makes_a_bare_board_work(tmp_path: Path, sshd: Sshd,
     start = time.perf_counter()
     again = install_device(device, steps.append)
     again_s = time.perf_counter() - start
-    assert again.python == venv_python and again.wheels_sent == 0, "nothing is pushed twice"
+    assert again.python == venv_python
+    # edgekit's own wheel is rebuilt each run and sent only if this checkout changed meanwhile.
+    assert not [name for name in again.sent if not name.startswith("edgekit-")], \
+        "no dependency wheel is pushed twice"
     print(f"install: first {first_s:.1f}s, again {again_s:.1f}s, {first}")
 
 
@@ -298,3 +302,56 @@ def test_deploy_resnet18_over_ssh(tmp_path: Path, sshd: Sshd,
     store = tmp_path / "board" / "artifacts"
     assert (store / f"{result['artifact_sha256']}.so").exists()
     assert not list(store.glob(".*.part"))
+
+
+def test_doctor_ssh_device_all_ok(tmp_path: Path, sshd: Sshd) -> None:
+    from hostkit.doctor import diagnose
+
+    device = _device(tmp_path, sshd)
+    checks = diagnose(device)
+    assert [c.name for c in checks] == ["address", "tcp", "ssh login", "remote python",
+                                        "devicekit", "tvm version", "daemon", "rpc", "target",
+                                        "toolchain"]
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert "not running; edgekit starts it" in checks[6].detail
+    assert not _listeners(device.ssh.rpc_port), "doctor stops what it started"
+
+
+def test_doctor_explains_a_refused_login_and_still_checks_the_toolchain(tmp_path: Path,
+                                                                        sshd: Sshd) -> None:
+    from hostkit.doctor import diagnose
+
+    checks = {c.name: c for c in diagnose(_device(tmp_path, sshd, key_file=str(sshd.stranger_key)))}
+    assert checks["tcp"].ok and not checks["ssh login"].ok
+    assert "wrong key?" in checks["ssh login"].fix
+    assert "rpc" not in checks and checks["toolchain"].ok
+
+
+@needs_bare_python
+def test_doctor_suggests_install_for_a_bare_python(tmp_path: Path, sshd: Sshd) -> None:
+    from hostkit.doctor import diagnose
+
+    device = _device(tmp_path, sshd, python=DEBIAN_PYTHON)
+    checks = {c.name: c for c in diagnose(device)}
+    assert checks["remote python"].ok and not checks["devicekit"].ok
+    assert "edgekit device install --device sshbox" in checks["devicekit"].fix
+    assert "rpc" not in checks
+
+
+def test_doctor_rpc_device_and_cross_toolchain(daemon: Any) -> None:
+    from hostkit.doctor import diagnose
+
+    device = Device(name="dev", target={"kind": "llvm"}, host="127.0.0.1", port=daemon.port)
+    checks = diagnose(device)
+    assert [c.name for c in checks] == ["address", "tcp", "rpc", "tvm version", "target",
+                                        "toolchain"]
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+    gone = Device(name="gone", host="127.0.0.1", port=free_port(),
+                  target={"kind": "llvm", "mtriple": "aarch64-linux-gnu"},
+                  cross_compiler="aarch64-linux-gnu-gcc")
+    checks = diagnose(gone)
+    by_name = {c.name: c for c in checks}
+    assert not by_name["tcp"].ok and "edgekit-device serve" in by_name["tcp"].fix
+    if shutil.which("aarch64-linux-gnu-gcc"):
+        assert by_name["toolchain"].ok and "aarch64-linux-gnu" in by_name["toolchain"].detail
