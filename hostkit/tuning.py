@@ -1,28 +1,51 @@
 """Tuning records: MetaSchedule databases kept per target and model, applied by deploy and bench.
 
 Records live under `<cache>/tuning/<target key>/<model key>/` as MetaSchedule's JSON database
-(`database_workload.json`, `database_tuning_record.json`). Deploy applies them automatically when
-they exist; the artifact cache key includes their fingerprint, so new records mean a new build.
+(`database_workload.json`, `database_tuning_record.json`) plus `target.json`, the exact target the
+records were tuned for: the inventory's target refined with what the device reported (its core
+count, and its CPU where edgekit can name it for LLVM), so deploy compiles for the same target the
+candidates were measured on. Deploy applies the records automatically when they exist; the
+artifact cache key includes their fingerprint (target.json included), so new records mean a new
+build.
+
+Tuning and compiling share one Relax preparation (`prepare_module`), because MetaSchedule finds a
+record by the structure of each fused TIR function: any pass that differs between the two would
+silently leave kernels untuned. The preparation folds batch norm into the convolutions before
+anything else, marks the weights (constants) as layout-free so the tuner may choose a blocked weight
+layout, and after tuning the layout rewrite of each weight is folded into a new constant: the
+library's `main` still takes the input alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostkit.defaults import cache_dir
+from hostkit.errors import TuneError
 from hostkit.models import LoadedModel
-from hostkit.targets import ResolvedTarget
+from hostkit.targets import ResolvedTarget, arch_of_triple
 
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["TuningRecords", "records_for", "RECORD_FILES"]
+__all__ = ["TuningRecords", "records_for", "RECORD_FILES", "TARGET_FILE", "prepare_module",
+           "device_target", "llvm_cpu_for"]
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
+TARGET_FILE = "target.json"
+
+# Arm's MIDR "CPU part" numbers (what /proc/cpuinfo reports on arm64 boards) -> LLVM's -mcpu.
+ARM_CPU_PARTS: dict[str, str] = {
+    "0xd03": "cortex-a53", "0xd04": "cortex-a35", "0xd05": "cortex-a55", "0xd07": "cortex-a57",
+    "0xd08": "cortex-a72", "0xd09": "cortex-a73", "0xd0a": "cortex-a75", "0xd0b": "cortex-a76",
+    "0xd0c": "neoverse-n1", "0xd0d": "cortex-a77", "0xd40": "neoverse-v1", "0xd41": "cortex-a78",
+    "0xd44": "cortex-x1", "0xd46": "cortex-a510", "0xd47": "cortex-a710", "0xd49": "neoverse-n2",
+}
 
 
 @dataclass(frozen=True)
@@ -41,22 +64,139 @@ class TuningRecords:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for name in RECORD_FILES:
+        for name in (*RECORD_FILES, TARGET_FILE):
             path = self.work_dir / name
             if path.exists():
                 digest.update(path.read_bytes())
         return f"{self.work_dir.parent.name}/{self.work_dir.name}@{digest.hexdigest()[:12]}"
 
+    def save_target(self, target: "tvm.target.Target") -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_target_dict(target), sort_keys=True, indent=2)
+        (self.work_dir / TARGET_FILE).write_text(text, encoding="utf-8")
+
+    def tuned_target(self, fallback: "tvm.target.Target") -> "tvm.target.Target":
+        """The target the records were tuned for; `fallback` for records older than target.json."""
+        import tvm
+
+        path = self.work_dir / TARGET_FILE
+        if not path.exists():
+            return fallback
+        try:
+            return tvm.target.Target(json.loads(path.read_text(encoding="utf-8")))
+        except Exception as exc:  # a hand-edited or foreign file: say which one
+            raise TuneError(f"{path} does not hold a target TVM accepts: {exc}",
+                            stage="records") from exc
+
     def compile(self, mod: "tvm.IRModule", target: "tvm.target.Target") -> tuple[Any, bool]:
         """Compile with the records applied; returns (executable, tuned)."""
         import tvm
-        from tvm import relax
 
-        pipeline = relax.pipeline.static_shape_tuning_pipeline(
-            total_trials=0, target=target, work_dir=str(self.work_dir))
-        with target:
-            tuned_mod = pipeline(mod)
-        return tvm.compile(tuned_mod, target), True
+        tuned_target = self.tuned_target(target)
+        with tuned_target:
+            prepared = prepare_module(mod, tuned_target)
+            applied = apply_records(prepared, self.work_dir)
+        return tvm.compile(applied, tuned_target), True
+
+
+def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
+    """The fused module whose TIR functions are tuned, and later looked up in the records.
+
+    Batch norm is folded into the preceding convolution's weights while it is still one op
+    (FoldBatchnormToConv2D needs the un-decomposed op), so each conv block becomes one kernel with
+    a bias-add and ReLU epilogue. Weight transposes and every other computation on constants are
+    folded before fusion. The layout-free mark lets MetaSchedule rewrite weight layouts.
+    """
+    from tvm import relax, transform
+    from tvm.relax import transform as rt
+
+    with target:
+        return transform.Sequential([
+            rt.FoldBatchnormToConv2D(),
+            rt.DecomposeOpsForInference(),
+            rt.CanonicalizeBindings(),
+            rt.LegalizeOps(),
+            rt.AnnotateTIROpPattern(),
+            rt.FoldConstant(),
+            rt.FuseOps(),
+            rt.FuseTIR(),
+            rt.AttachAttrLayoutFreeBuffers(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
+
+
+def apply_records(prepared: "tvm.IRModule", work_dir: Path) -> "tvm.IRModule":
+    """Schedules from the records, then each weight's layout rewrite folded into a constant."""
+    from tvm import transform
+    from tvm.relax import transform as rt
+
+    return transform.Sequential([
+        rt.MetaScheduleApplyDatabase(str(work_dir)),
+        rt.SplitLayoutRewritePreproc(),
+        rt.FoldConstant(),
+        rt.DeadCodeElimination(),
+    ])(prepared)
+
+
+def _target_dict(target: "tvm.target.Target") -> dict[str, Any]:
+    """The target as plain JSON data that `tvm.target.Target` accepts back (keys follow kind)."""
+    plain = _plain(target.export())
+    return {k: v for k, v in plain.items() if k not in ("keys", "tag")}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "__len__"):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value"):  # IntImm / FloatImm
+        return value.value
+    return str(value)
+
+
+def _host_cpu_model() -> str:
+    from devicekit.info import device_info  # the same reading the daemon reports
+
+    return str(device_info()["cpu"])
+
+
+def llvm_cpu_for(info: dict[str, Any]) -> str | None:
+    """LLVM's name for the device's CPU, or None when edgekit cannot tell it reliably.
+
+    A device with this machine's architecture and CPU model gets LLVM's detection of the host CPU
+    (its vector extensions, e.g. AVX-512, are the device's too); an Arm board is named by its
+    CPU part number. Anything else stays generic, which is slower but never wrong.
+    """
+    arch = arch_of_triple(str(info.get("arch", "")))
+    cpu = str(info.get("cpu", "")).strip()
+    if arch in ("aarch64", "arm"):
+        return ARM_CPU_PARTS.get(cpu.lower())
+    if arch == arch_of_triple(platform.machine()) and cpu and cpu == _host_cpu_model():
+        from tvm.target import codegen
+
+        name = str(codegen.llvm_get_system_cpu())
+        return name if name and name != "generic" else None
+    return None
+
+
+def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target.Target":
+    """The inventory's target, with `num-cores` and `mcpu` from the device where it names none."""
+    import tvm
+
+    spec = _target_dict(resolved.target)
+    if spec.get("kind") != "llvm":
+        return resolved.target
+    if not spec.get("num-cores") and int(info.get("cores") or 0) > 0:
+        spec["num-cores"] = int(info["cores"])
+    if not spec.get("mcpu"):
+        mcpu = llvm_cpu_for(info)
+        if mcpu:
+            spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
 
 
 def _target_key(resolved: ResolvedTarget) -> str:

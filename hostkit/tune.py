@@ -1,0 +1,373 @@
+"""Tune a model on a device: MetaSchedule builds candidates here and times them on the device.
+
+Candidates are compiled on the host for the device's target (linked with the cross compiler when
+the device's architecture differs) and measured on the device by MetaSchedule's RPC runner, through
+the same transport deploy uses. Records accumulate in the model's JSON database
+(`hostkit.tuning.records_for`), written as each batch is measured: an interrupted tune resumes from
+it, with the search seeded from the best records and only the remaining trials run.
+
+Two traps of MetaSchedule's defaults are avoided here. Its builder imports every tensor intrinsic
+in each fresh worker (about 30 s, longer than its 30 s timeout), so every build timed out and a tune
+"finished" with nothing measured; edgekit's build function skips that import (the scheduled TIR it
+receives is already tensorized). And a tune that measured no valid candidate is a TuneError, never
+a success.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hostkit.errors import TuneError
+from hostkit.inventory import Device
+from hostkit.models import ModelSpec
+
+if TYPE_CHECKING:
+    import tvm
+    from rich.console import Console
+
+__all__ = ["tune_on_device", "TuneStats", "BUILD_TIMEOUT_S", "RUN_TIMEOUT_S"]
+
+# One candidate's compile and link on the host; a kernel that takes longer is not worth keeping.
+BUILD_TIMEOUT_S = 60.0
+# One candidate's measurement on the device, session set-up and upload included.
+RUN_TIMEOUT_S = 60.0
+# Each measurement runs the kernel repeatedly for at least this long, then averages.
+MIN_REPEAT_MS = 50
+TRIALS_PER_ITER = 64
+
+
+@dataclass
+class TuneStats:
+    """What the tuner has done so far, per task and in total; drives the progress display."""
+
+    names: list[str]
+    weights: list[float]
+    flops: list[float]
+    started: float = field(default_factory=time.monotonic)
+    trials: int = 0
+    valid: int = 0
+    build_errors: int = 0
+    run_errors: int = 0
+    best_s: dict[int, float] = field(default_factory=dict)
+    first_error: str | None = None
+
+    def record(self, task_id: int, builder_results: list[Any], runner_results: list[Any]) -> None:
+        for built, ran in zip(builder_results, runner_results):
+            self.trials += 1
+            if built.error_msg is not None:
+                self.build_errors += 1
+                self.first_error = self.first_error or _first_line(built.error_msg)
+                continue
+            if ran.error_msg is not None or not ran.run_secs:
+                self.run_errors += 1
+                self.first_error = self.first_error or _first_line(str(ran.error_msg))
+                continue
+            self.valid += 1
+            secs = sum(float(s) for s in ran.run_secs) / len(ran.run_secs)
+            if secs < self.best_s.get(task_id, float("inf")):
+                self.best_s[task_id] = secs
+
+    def estimate_ms(self) -> float | None:
+        """The model's latency if each task ran at its best measured speed (all tasks measured)."""
+        if len(self.best_s) < len(self.names):
+            return None
+        return sum(self.weights[i] * s for i, s in self.best_s.items()) * 1e3
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "Timeout" in ln]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
+
+
+def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_task: int | None,
+                   time_budget_min: float | None, console: "Console | None" = None) -> dict[str, Any]:
+    """Tune `spec` on `device` and store the records deploy and bench apply; returns a summary."""
+    from hostkit.compiler import import_relax
+    from hostkit.models import load_model
+    from hostkit.remote import DeviceSession, check_versions
+    from hostkit.targets import check_cross_compiler, resolve_target
+    from hostkit.transport import make_transport
+    from hostkit.tuning import device_target, prepare_module, records_for
+
+    if trials < 1:
+        raise TuneError("--trials must be at least 1", device=device.name, stage="tune")
+    resolved = resolve_target(device)
+    cross_cc = check_cross_compiler(device, resolved)
+    model = load_model(spec)
+    records = records_for(model, resolved)
+    before = records.count()
+    with make_transport(device) as transport:
+        session = DeviceSession(transport, transport.session())
+        info = session.info()
+        check_versions(device.name, info)
+        session.close()
+        target = records.tuned_target(device_target(resolved, info)) if records.exists() \
+            else device_target(resolved, info)
+        prepared = prepare_module(import_relax(model), target)
+        tasks = _extract(prepared, target, device.name)
+        remaining = trials - before
+        if remaining <= 0:
+            stats = TuneStats(names=[t.task_name for t in tasks],
+                              weights=[float(t.weight) for t in tasks], flops=[])
+        else:
+            records.save_target(target)
+            runner = _runner(device, transport, info)
+            stats = _run_tuner(tasks, target, str(records.work_dir), remaining, trials_per_task,
+                               time_budget_min, cross_cc, runner, console, device.name,
+                               int(info.get("cores") or os.cpu_count() or 1))
+    valid_total = records.count()
+    if valid_total == 0 or (remaining > 0 and stats.valid == 0):
+        reason = f": {stats.first_error}" if remaining > 0 and stats.first_error else ""
+        raise TuneError(f"tuning {model.name} measured no valid candidate in {stats.trials} "
+                        f"trials ({stats.build_errors} failed to build, {stats.run_errors} failed "
+                        f"to run){reason}", device=device.name, stage="tune",
+                        hint="nothing was applied; run with -v for MetaSchedule's logs")
+    estimate = stats.estimate_ms()
+    return {
+        "model": model.name, "device": device.name, "target": _describe(target),
+        "tasks": len(tasks), "trials": stats.trials, "valid_trials": stats.valid,
+        "build_errors": stats.build_errors, "run_errors": stats.run_errors,
+        "records_before": before, "records": valid_total,
+        "estimated_ms": round(estimate, 3) if estimate is not None else None,
+        "tune_s": round(stats.elapsed(), 1), "records_dir": str(records.work_dir),
+    }
+
+
+def _describe(target: "tvm.target.Target") -> str:
+    attrs = target.attrs
+    parts = [str(target.kind.name)]
+    for key in ("mtriple", "mcpu", "num-cores"):
+        if key in attrs and attrs[key]:
+            parts.append(f"{key}={attrs[key]}")
+    return " ".join(parts)
+
+
+def _extract(prepared: "tvm.IRModule", target: "tvm.target.Target", device: str) -> list[Any]:
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        tasks = ms.relax_integration.extract_tasks(prepared, target)
+    except Exception as exc:
+        raise TuneError(f"extracting tuning tasks failed: {_first_line(str(exc))}", device=device,
+                        stage="tune") from exc
+    tasks = [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    if not tasks:
+        raise TuneError("the model has no kernel MetaSchedule can tune", device=device,
+                        stage="tune")
+    return tasks
+
+
+def _rpc_address(transport: Any) -> tuple[str, int] | None:
+    """Where the device's daemon answers RPC, for transports that give a direct address."""
+    tunnel = getattr(transport, "tunnel", None)
+    if tunnel is not None:
+        return "127.0.0.1", int(tunnel.port)
+    if hasattr(transport, "host") and hasattr(transport, "port"):
+        return str(transport.host), int(transport.port)
+    return None
+
+
+def _runner(device: Device, transport: Any, info: dict[str, Any]) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS,
+                                          enable_cpu_cache_flush=False)
+    address = _rpc_address(transport)
+    if address is None:  # a tracker: MetaSchedule asks it for a daemon with the device's key
+        host, _, port = (device.tracker or "").rpartition(":")
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
+                                     tracker_key=device.key,
+                                     session_timeout_sec=int(RUN_TIMEOUT_S))
+        create = None
+    else:
+        config = ms.runner.RPCConfig(tracker_host=address[0], tracker_port=address[1],
+                                     tracker_key="edgekit-direct",
+                                     session_timeout_sec=int(RUN_TIMEOUT_S))
+        create = connect_direct
+    inner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
+                                f_create_session=create, max_workers=1)
+    return _serial_runner()(inner)
+
+
+def connect_direct(rpc_config: Any) -> Any:
+    """MetaSchedule's session factory for a daemon at a known address (it only knows trackers).
+
+    Runs in the runner's worker process; `tracker_host`/`tracker_port` carry the daemon's address.
+    """
+    from tvm import rpc
+
+    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                       session_timeout=rpc_config.session_timeout_sec)
+
+
+@functools.lru_cache(maxsize=1)
+def _serial_runner() -> Any:
+    """A runner that finishes measuring a batch before the next batch is built.
+
+    MetaSchedule otherwise builds the next task while the device times the last one; when the
+    device is this machine (or shares its cores), that skews every measurement.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    @derived_object
+    class SerialRunner(PyRunner):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            futures = list(self.inner.run(runner_inputs))
+            for future in futures:
+                future.result()
+            return futures
+
+    return SerialRunner
+
+
+def build_candidate(mod: "tvm.IRModule", target: "tvm.target.Target", _params: Any) -> Any:
+    """MetaSchedule's default build without its import of every tensor intrinsic (see above)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def export_candidate(export_dir: str, cross_compiler: str | None, mod: Any) -> str:
+    """A shared library the device loads as is (so a board needs no compiler to be tuned).
+
+    Each candidate gets its own folder: MetaSchedule deletes an artifact's whole folder once
+    the artifact has been measured.
+    """
+    path = os.path.join(tempfile.mkdtemp(dir=export_dir), "candidate.so")
+    if cross_compiler:
+        from tvm.support import cc
+
+        mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    else:
+        mod.export_library(path)
+    return path
+
+
+def _progress_callback(stats: TuneStats, budget_s: float | None, on_update: Any) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                  builder_results: Any, runner_results: Any) -> None:
+            stats.record(task_id, list(builder_results), list(runner_results))
+            on_update()
+            if budget_s is not None and stats.elapsed() >= budget_s:
+                for index, task in enumerate(task_scheduler.tasks_):
+                    if not task.is_terminated:
+                        task_scheduler.terminate_task(index)
+
+    return Progress()
+
+
+def _run_tuner(tasks: list[Any], target: "tvm.target.Target", work_dir: str, trials: int,
+               trials_per_task: int | None, time_budget_min: float | None,
+               cross_cc: str | None, runner: Any, console: "Console | None", device: str,
+               cores: int) -> TuneStats:
+    from tvm.s_tir import meta_schedule as ms
+
+    stats = TuneStats(names=[t.task_name for t in tasks], weights=[float(t.weight) for t in tasks],
+                      flops=[])
+    budget_s = time_budget_min * 60.0 if time_budget_min is not None else None
+    per_task = trials_per_task or max(TRIALS_PER_ITER, -(-trials // len(tasks)))
+    # A small budget is spread over the tasks instead of spent on the first one.
+    per_iter = max(1, min(TRIALS_PER_ITER, per_task, -(-trials // len(tasks))))
+    _quiet_metaschedule()
+    export_dir = tempfile.mkdtemp(prefix="edgekit-tune-")
+    display = _Display(console, stats, trials, budget_s)
+    try:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=tasks, work_dir=work_dir, num_threads=cores)
+        builder = ms.builder.LocalBuilder(
+            max_workers=cores, timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate,
+            f_export=functools.partial(export_candidate, export_dir, cross_cc))
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                     _progress_callback(stats, budget_s, display.update)]
+        with display:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=work_dir,
+                max_trials_global=trials, max_trials_per_task=per_task,
+                num_trials_per_iter=per_iter, builder=builder,
+                runner=runner, measure_callbacks=callbacks, task_scheduler="gradient")
+    except TuneError:
+        raise
+    except Exception as exc:
+        raise TuneError(f"MetaSchedule failed: {_first_line(str(exc))}", device=device,
+                        stage="tune") from exc
+    finally:
+        shutil.rmtree(export_dir, ignore_errors=True)
+    return stats
+
+
+def _quiet_metaschedule() -> None:
+    """Keep MetaSchedule's console log (it writes to stdout) to warnings unless -v was given.
+
+    Its full log still goes to `<records>/logs/`. The level is set before every tune because
+    MetaSchedule derives its console handler's level from its logger's, then resets the latter.
+    """
+    verbose = logging.getLogger("edgekit").isEnabledFor(logging.DEBUG)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+        logging.INFO if verbose else logging.WARNING)
+
+
+class _Display:
+    """A rich progress bar: trials done, valid ones, tasks measured, best estimate, time left."""
+
+    def __init__(self, console: "Console | None", stats: TuneStats, trials: int,
+                 budget_s: float | None) -> None:
+        self.stats, self.trials, self.budget_s = stats, trials, budget_s
+        self.progress: Any = None
+        self.task_id: Any = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+                TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]tuning[/bold]"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[detail]}"), console=console,
+                                     transient=False)
+
+    def __enter__(self) -> "_Display":
+        if self.progress is not None:
+            self.progress.start()
+            self.task_id = self.progress.add_task("tune", total=self.trials,
+                                                  detail=self._detail())
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.progress is not None:
+            self.update()
+            self.progress.stop()
+
+    def _detail(self) -> str:
+        s = self.stats
+        estimate = s.estimate_ms()
+        best = f"est. {estimate:.2f} ms" if estimate is not None else "est. -"
+        left = ""
+        if self.budget_s is not None:
+            left = f" · {max(0.0, self.budget_s - s.elapsed()) / 60:.1f} min left"
+        return (f"{s.valid} valid · tasks {len(s.best_s)}/{len(s.names)} measured · {best}{left}")
+
+    def update(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=min(self.stats.trials, self.trials),
+                                 detail=self._detail())
