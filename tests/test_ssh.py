@@ -111,23 +111,25 @@ def test_attaches_to_a_running_daemon_and_leaves_it(tmp_path: Path, sshd: Sshd) 
         assert _info(first)["arch"]
 
 
+# x * y + x as a Relax module in TVMScript (parsed from text: its annotations are not typing).
+TINY_MODULE = """
+@I.ir_module
+class Tiny:
+    @R.function
+    def main(x: R.Tensor((4,), "float32"), y: R.Tensor((4,), "float32")):
+        with R.dataflow():
+            z = R.add(R.multiply(x, y), x)
+            R.output(z)
+        return z
+"""
+
+
 def _tiny_library(path: Path) -> str:
     """A real TVM library (Relax VM executable, host llvm), exported to path; returns its sha256."""
     import tvm
-    from tvm.script import ir as I
-    from tvm.script import relax as R
+    from tvm.script import from_source
 
-    @I.ir_module
-    class Tiny:
-        @R.function
-        def main(x: R.Tensor((4,), "float32"),
-                 y: R.Tensor((4,), "float32")) -> R.Tensor((4,), "float32"):
-            with R.dataflow():
-                z = R.add(R.multiply(x, y), x)
-                R.output(z)
-            return z
-
-    executable = tvm.compile(Tiny, target=tvm.target.Target({"kind": "llvm"}))
+    executable = tvm.compile(from_source(TINY_MODULE), target=tvm.target.Target({"kind": "llvm"}))
     executable.export_library(str(path))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
