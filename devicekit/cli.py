@@ -54,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_tracker(host: str, port: int) -> int:
-    from tvm.rpc.tracker import Tracker
+    try:
+        from tvm.rpc.tracker import Tracker
+    except ImportError as exc:
+        print(f"edgekit-device: the tracker needs tornado: pip install 'edgekit[tracker]' ({exc})",
+              file=sys.stderr)
+        return 1
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("edgekit-device").warning(EXPOSED_WARNING.format(addr=f"{host}:{port}"))

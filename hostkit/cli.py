@@ -7,6 +7,7 @@ An EdgekitError is one red line; an unexpected error is one line pointing at a d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -134,8 +135,12 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 def _console(args: argparse.Namespace) -> Any:
     from rich.console import Console
 
-    # With --json, stdout carries only JSON; progress and tables go to stderr.
-    return Console(stderr=bool(getattr(args, "json", False)), highlight=False)
+    # With --json, stdout carries only JSON; progress and tables go to stderr. Piped output
+    # gets a wide fixed width so tables stay one row per result in logs.
+    console = Console(stderr=bool(getattr(args, "json", False)), highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 140
+    return console
 
 
 def _progress_console() -> Any:
@@ -281,7 +286,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     with console.status(f"installing devicekit on {device.name}") as status:
         summary = install_device(device, lambda what: status.update(f"{device.name}: {what}"))
     if args.json:
-        print(to_json_plain(summary))
+        print(to_json_plain(dataclasses.asdict(summary)))
     else:
         _console(args).print(f"[green]installed[/green] devicekit on {device.name}: {summary}")
     return 0

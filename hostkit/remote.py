@@ -78,8 +78,17 @@ class DeviceSession:
         return LoadedRemote(vm=vm, dev=dev, device=self.name)
 
     def close(self) -> None:
-        # Dropping the last reference ends the RPC session; TVM has no explicit close.
-        self.sess = None  # type: ignore[assignment]
+        """End the RPC session now: TVM's daemon serves one session at a time.
+
+        TVM has no explicit close; the session ends when its last handle is freed, and remote
+        functions, devices and modules all hold one, some in reference cycles.
+        """
+        import gc
+
+        if self.sess is not None:
+            self.sess._remote_funcs.clear()
+            self.sess = None  # type: ignore[assignment]
+        gc.collect()
 
 
 def _is_cpu(module: Any) -> bool:

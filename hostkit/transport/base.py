@@ -8,6 +8,7 @@ stops on close. Sockets, paramiko and subprocesses live behind this seam and now
 from __future__ import annotations
 
 import socket
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["Transport", "Progress", "port_open", "connect_rpc"]
 
 Progress = Callable[[int, int], None]
+
+# Extra seconds a busy daemon gets to finish its current session before edgekit gives up.
+BUSY_GRACE_S = 20.0
 
 
 def port_open(host: str, port: int, timeout: float) -> bool:
@@ -40,11 +44,29 @@ def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -
     if not port_open(host, port, device.connect_timeout):
         raise ConnectError(f"cannot reach {host}:{port}", device=device.name, stage="connect",
                            hint=hint)
-    try:
-        return rpc.connect(host, port, session_timeout=device.session_timeout)
-    except Exception as exc:  # TVM raises plain RuntimeError/TVMError for every failure
+    # TVM's daemon serves one session at a time and its handshake blocks while another session
+    # is open, so the handshake runs in a thread and a busy device becomes an error, not a hang.
+    outcome: dict[str, Any] = {}
+
+    def handshake() -> None:
+        try:
+            outcome["sess"] = rpc.connect(host, port, session_timeout=device.session_timeout)
+        except Exception as exc:  # TVM raises plain RuntimeError/TVMError for every failure
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=handshake, daemon=True, name=f"rpc-connect-{device.name}")
+    thread.start()
+    thread.join(device.connect_timeout + BUSY_GRACE_S)
+    if thread.is_alive():
+        raise ConnectError(f"{host}:{port} accepted the connection but no RPC session started "
+                           f"within {device.connect_timeout + BUSY_GRACE_S:.0f}s", device=device.name,
+                           stage="connect", hint="the daemon serves one session at a time: is "
+                           "another edgekit run or tuner using this device?")
+    if "error" in outcome:
+        exc = outcome["error"]
         raise ConnectError(f"RPC handshake with {host}:{port} failed: {_first_line(exc)}",
                            device=device.name, stage="connect", hint=hint) from exc
+    return outcome["sess"]
 
 
 def _first_line(exc: BaseException) -> str:

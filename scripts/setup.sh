@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up everything edgekit needs on a Debian/Ubuntu machine, idempotently:
+#   system packages (cross compilers, qemu + debootstrap for the emulated board, OpenSSH),
+#   a virtual environment in .venv with edgekit and its pinned stack.
+# Re-running it is cheap: it installs only what is missing or what pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  gcc libc6-dev                                   # links .so artifacts for this machine
+  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf   # cross-links for 64- and 32-bit ARM boards
+  debootstrap qemu-user-static binfmt-support     # the emulated Raspberry Pi 4 (arm64)
+  iproute2 iptables                               # its network namespace
+  openssh-server openssh-client                   # the ssh transport and its tests
+  python3-venv                                    # venvs for boards provisioned over ssh
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing system packages: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing system packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: edgekit's pinned torch 2.14.1 wheels are for Python 3.11; set PYTHON=python3.11" >&2
+  exit 1
+fi
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+
+stamp=.venv/.edgekit-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "setup: installing edgekit with its pinned stack into .venv (torch, apache-tvm, ...)"
+  .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+  .venv/bin/python -m pip install -q -e '.[host,bench,test,tracker]'
+  echo "$want" > "$stamp"
+fi
+.venv/bin/edgekit --version

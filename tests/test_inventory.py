@@ -1,0 +1,123 @@
+"""Golden tests: inventory data -> devices, and bad inventories -> their exact one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostkit.errors import InventoryError
+from hostkit.inventory import load_inventory, parse_inventory
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "defaults": {"port": 9000, "session_timeout": 100},
+    "groups": {"arm": {"cross_compiler": "aarch64-linux-gnu-gcc", "port": 9100},
+               "slow": {"port": 9200, "session_timeout": 900}},
+    "devices": {
+        "a": {"target": {"kind": "llvm"}},
+        "b": {"target": "raspberry-pi/4b-aarch64", "groups": ["arm"]},
+        "c": {"target": "raspberry-pi/4b-aarch64", "groups": ["arm", "slow"], "port": 9300},
+        "d": {"target": "raspberry-pi/4b-aarch64", "groups": ["slow", "arm"]},
+    },
+}
+
+
+def test_precedence_defaults_groups_device_flags() -> None:
+    inv = parse_inventory(BASE)
+    assert inv.get("a").port == 9000 and inv.get("a").session_timeout == 100.0
+    assert inv.get("b").port == 9100 and inv.get("b").cross_compiler == "aarch64-linux-gnu-gcc"
+    assert inv.get("c").port == 9300 and inv.get("c").session_timeout == 900.0
+    # later groups in the device's list win
+    assert inv.get("d").port == 9100
+    assert inv.get("c").with_overrides(port=1234, format=None).port == 1234
+    assert [d.name for d in inv.group("arm")] == ["b", "c", "d"]
+
+
+def test_shipped_inventory_is_valid() -> None:
+    inv = load_inventory(REPO / "inventory.yaml")
+    assert {"local", "pi4", "pi4-emu", "jetson"} <= set(inv.devices)
+    assert inv.get("local").managed == "local"
+    assert inv.get("pi4-emu").emulated is True
+    assert any(d.transport == "tracker" for d in inv.devices.values())
+    x86 = [d for d in inv.devices.values()
+           if isinstance(d.target, dict) and "mtriple" not in d.target and d.name != "local"]
+    assert x86, "the shipped inventory has an x86 box"
+
+
+def test_json_string_target_is_parsed() -> None:
+    inv = parse_inventory({"devices": {"x": {"target": '{"kind": "llvm", "mcpu": "skylake"}'}}})
+    assert inv.get("x").target == {"kind": "llvm", "mcpu": "skylake"}
+
+
+def test_ssh_settings_merge_from_group() -> None:
+    inv = parse_inventory({
+        "groups": {"g": {"ssh": {"user": "pi", "port": 2222}}},
+        "devices": {"x": {"target": {"kind": "llvm"}, "transport": "ssh", "host": "h",
+                          "groups": ["g"], "ssh": {"key_file": "k"}}},
+    })
+    ssh = inv.get("x").ssh
+    assert (ssh.user, ssh.port, ssh.key_file, ssh.host_key_policy) == ("pi", 2222, "k", "strict")
+
+
+BAD = [
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "prot": 1}}},
+     "inventory: unknown key 'devices.x.prot'; did you mean 'port'?"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "ssh": {"usr": "pi"}}}},
+     "inventory: unknown key 'devices.x.ssh.usr'; did you mean 'user'?"),
+    ({"defaults": {"transprt": "rpc"}, "devices": {"x": {"target": {"kind": "llvm"}}}},
+     "inventory: unknown key 'defaults.transprt'; did you mean 'transport'?"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "port": "9090"}}},
+     "inventory: devices.x.port must be int, got str '9090'"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "port": True}}},
+     "inventory: devices.x.port must be int, got bool True"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "port": 70000}}},
+     "inventory: devices.x.port must be between 1 and 65535, got 70000"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "transport": "shh"}}},
+     "inventory: devices.x.transport is 'shh'; did you mean 'ssh'? expected one of: rpc, tracker, ssh"),
+    ({"devices": {"x": {"host": "h"}}},
+     "inventory: devices.x.target is missing; give a TVM tag such as 'raspberry-pi/4b-aarch64' or "
+     "a dict such as {kind: llvm}"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "transport": "tracker"}}},
+     "inventory: devices.x uses transport 'tracker' and needs both 'tracker: HOST:PORT' and 'key'"),
+    ({"devices": {}}, "inventory: no devices defined under 'devices:'"),
+    ({"device": {}}, "inventory: unknown key 'device'; did you mean 'devices'?"),
+    ({"groups": {"g": {"hots": "x"}}, "devices": {"x": {"target": {"kind": "llvm"}}}},
+     "inventory: unknown key 'groups.g.hots'; did you mean 'host'?"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD)
+def test_bad_inventory_exact_error(data: dict, message: str) -> None:
+    with pytest.raises(InventoryError) as err:
+        parse_inventory(data)
+    assert str(err.value) == message
+
+
+def test_duplicate_device_names_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text("devices:\n  a:\n    target: {kind: llvm}\n  a:\n    target: {kind: llvm}\n")
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path)
+    assert str(err.value) == (f"{path} line 4: duplicate key 'a'; each device, group and setting "
+                              "may appear once")
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match="inventory file .*nope.yaml not found"):
+        load_inventory(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices: [unclosed\n")
+    with pytest.raises(InventoryError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_inventory(bad)
+
+
+def test_unknown_device_and_group_list_known_names() -> None:
+    inv = parse_inventory(BASE)
+    with pytest.raises(InventoryError) as err:
+        inv.get("bb")
+    assert str(err.value) == ("unknown device 'bb' in the inventory; did you mean 'b'? known "
+                              "devices: a, b, c, d")
+    with pytest.raises(InventoryError, match="unknown group 'armm'.*known groups: arm, slow"):
+        inv.group("armm")
