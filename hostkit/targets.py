@@ -81,6 +81,9 @@ def resolve_target(device: Device) -> ResolvedTarget:
     import tvm
 
     spec: Any = device.target if isinstance(device.target, str) else dict(device.target)
+    if isinstance(spec, dict) and str(spec.get("mtriple", "")).endswith("gnueabihf"):
+        # A hard-float triple needs the hard-float ABI, or the linker refuses to mix the objects.
+        spec.setdefault("mfloat-abi", "hard")
     try:
         target = tvm.target.Target(spec)
     except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
