@@ -41,6 +41,12 @@ def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -
     from tvm import rpc
 
     hint = hint or f"is the daemon running there? try `edgekit devices` or `edgekit doctor --device {device.name}`"
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as exc:
+        raise ConnectError(f"cannot resolve host {host}", device=device.name, stage="connect",
+                           hint="check the device's host in the inventory, or use its IP "
+                                "address") from exc
     if not port_open(host, port, device.connect_timeout):
         raise ConnectError(f"cannot reach {host}:{port}", device=device.name, stage="connect",
                            hint=hint)
