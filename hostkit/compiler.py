@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devicekit.store import file_sha256
 from hostkit.defaults import cache_dir
 from hostkit.errors import CompileError
 from hostkit.models import LoadedModel
@@ -44,14 +45,6 @@ class Artifact:
     @property
     def size(self) -> int:
         return self.path.stat().st_size
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_relax(model: LoadedModel) -> "tvm.IRModule":
