@@ -101,7 +101,7 @@ USER_BOARD_IMAGES = _user_board_images()
 
 @pytest.fixture(scope="session")
 def emulated_board(edgekit_cache: Path) -> Iterator[Any]:
-    """An emulated arm64 board (its inventory Device), booted once per session, stopped at the end."""
+    """The emulated arm64 board's inventory Device; booted once per session, stopped at its end."""
     from hostkit.board_image import IMAGES_ENV, host_problems
     from hostkit.emulator import board_down, board_up
     from hostkit.inventory import Device
@@ -110,8 +110,9 @@ def emulated_board(edgekit_cache: Path) -> Iterator[Any]:
     if problems:
         pytest.skip(problems[0])
     os.environ.setdefault(IMAGES_ENV, str(USER_BOARD_IMAGES))
+    # A short session timeout: a hung session fails the test in minutes, not ten.
     device = Device(name="emu-test", host="169.254.42.5", port=9090, managed="qemu-arm64",
-                    emulated=True, format="so",
+                    emulated=True, format="so", session_timeout=120.0,
                     target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     board_up(device, progress=lambda line: print(line, file=sys.stderr))
     yield device
