@@ -67,6 +67,5 @@ def elf_machine(header: bytes) -> str | None:
     """The architecture an ELF file is built for, or None if the bytes are not an ELF header."""
     if len(header) < 20 or header[:4] != b"\x7fELF":
         return None
-    order = "little" if header[5] == 1 else "big"
-    code = int.from_bytes(header[18:20], order)
+    code = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
     return ELF_MACHINES.get(code, f"e_machine={code}")

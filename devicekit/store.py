@@ -13,12 +13,15 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 from devicekit.info import elf_machine
 
 __all__ = ["ArtifactStore", "StoreError", "default_store_dir"]
 
 FORMATS = (".so", ".tar")
+# Links a `.tar` of object files into a shared library: (tar, output).
+LinkFn = Callable[[Path, Path], None]
 
 
 class StoreError(RuntimeError):
@@ -70,7 +73,7 @@ class ArtifactStore:
         self._evict()
         return final
 
-    def library_path(self, sha256: str, link: "LinkFn") -> Path:
+    def library_path(self, sha256: str, link: LinkFn) -> Path:
         """The loadable shared library of an artifact, linking a `.tar` here the first time."""
         path = self.find(sha256)
         if path is None:
@@ -126,7 +129,3 @@ def _copy_into(src: Path, final: Path) -> None:
             writer.write(block)
     os.replace(tmp, final)
     src.unlink(missing_ok=True)
-
-
-class LinkFn:  # pragma: no cover - typing helper only
-    def __call__(self, tar: Path, output: Path) -> None: ...

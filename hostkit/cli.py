@@ -57,14 +57,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--inventory", "-i", type=Path, default=None, metavar="FILE",
                         help=f"inventory file (default: $EDGEKIT_INVENTORY, ./{INVENTORY_FILE}, "
                              "or the built-in local device)")
     common.add_argument("--json", action="store_true", help="print JSON records on stdout")
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
-    run = argparse.ArgumentParser(add_help=False)
+    run = _Parser(add_help=False)
     run.add_argument("--repeat", type=_positive, default=DEFAULT_REPEAT,
                      help=f"timed runs on the device (default {DEFAULT_REPEAT})")
     run.add_argument("--warmup", type=_count, default=DEFAULT_WARMUP,

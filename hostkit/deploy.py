@@ -13,13 +13,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP
 from hostkit.errors import EdgekitError, RemoteError
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model
 from hostkit.results import Latency, RunResult, compare_outputs
+
+if TYPE_CHECKING:
+    from hostkit.remote import DeviceSession
+    from hostkit.targets import ResolvedTarget
 
 __all__ = ["RunOptions", "run_fleet", "run_on_device", "Step"]
 
@@ -109,8 +113,9 @@ def _fail(result: RunResult, exc: EdgekitError) -> None:
     result.stage = exc.stage
 
 
-def _run_one(session, device: Device, spec: ModelSpec, result: RunResult,  # type: ignore[no-untyped-def]
-             options: RunOptions, models: _ModelCache, resolved, cross_cc: str | None,
+def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: RunResult,
+             options: RunOptions, models: _ModelCache, resolved: "ResolvedTarget",
+             cross_cc: str | None,
              note: Callable[[str, str, str], None]) -> None:
     from hostkit.compiler import build_artifact
     from hostkit.tuning import records_for

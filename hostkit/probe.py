@@ -45,8 +45,8 @@ def probe(device: Device) -> dict[str, Any]:
         return _probe_tcp(row, device.host, device.ssh.port, "ssh port open; "
                           f"`edgekit doctor --device {device.name}` checks the rest")
     if device.transport == "tracker":
-        host, _, port = (device.tracker or "").rpartition(":")
-        return _probe_tcp(row, host, int(port), f"tracker answers; key {device.key}")
+        tracker_host, _, tracker_port = (device.tracker or "").rpartition(":")
+        return _probe_tcp(row, tracker_host, int(tracker_port), f"tracker answers; key {device.key}")
     return _probe_rpc(row, device, device.host, device.port)
 
 

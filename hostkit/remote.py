@@ -87,7 +87,7 @@ class DeviceSession:
 
         if self.sess is not None:
             self.sess._remote_funcs.clear()
-            self.sess = None  # type: ignore[assignment]
+            self.sess = None
         gc.collect()
 
 

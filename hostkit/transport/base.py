@@ -69,9 +69,9 @@ def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -
                            stage="connect", hint="the daemon serves one session at a time: is "
                            "another edgekit run or tuner using this device?")
     if "error" in outcome:
-        exc = outcome["error"]
-        raise ConnectError(f"RPC handshake with {host}:{port} failed: {_first_line(exc)}",
-                           device=device.name, stage="connect", hint=hint) from exc
+        failure = outcome["error"]
+        raise ConnectError(f"RPC handshake with {host}:{port} failed: {_first_line(failure)}",
+                           device=device.name, stage="connect", hint=hint) from failure
     return outcome["sess"]
 
 

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hostkit.errors import ConnectError, RemoteError
 from hostkit.inventory import Device
@@ -91,7 +91,9 @@ class SshConnection:
             if self.known_hosts.is_file():
                 client.load_host_keys(str(self.known_hosts))
             if self.ssh.host_key_policy == "accept-new":
-                client.set_missing_host_key_policy(_AcceptNew(self.known_hosts))
+                # paramiko takes any object with missing_host_key(); the cast says so to mypy.
+                client.set_missing_host_key_policy(
+                    cast("paramiko.MissingHostKeyPolicy", _AcceptNew(self.known_hosts)))
         key_file = os.path.expanduser(self.ssh.key_file) if self.ssh.key_file else None
         timeout = self.device.connect_timeout
         try:

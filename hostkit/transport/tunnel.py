@@ -70,7 +70,7 @@ class LocalForward:
             self._links.add(link)
         try:
             while not self._closed.is_set():
-                ready, _, _ = select.select([sock, channel], [], [], 0.5)
+                ready, _, _ = select.select([sock, channel], [], [], 0.5)  # type: ignore[type-var]
                 for source, sink in ((sock, channel), (channel, sock)):
                     if source in ready:
                         data = source.recv(1 << 16)
