@@ -8,7 +8,6 @@ the cached image in about 10 s. Needs root and scripts/setup-board-deps.sh.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import shutil
 import time
@@ -124,14 +123,21 @@ def _run_on_board(device: Device, path: Path, sha256: str) -> list[np.ndarray]:
     """Send, load and run an artifact through the transport seam and the device session."""
     with make_transport(device) as transport:
         session = DeviceSession(transport, transport.session())
-        session.ensure_artifact(path, sha256)
-        outputs, _ = session.load(sha256).run([X, Y])
+        try:
+            session.ensure_artifact(path, sha256)
+            outputs, _ = session.load(sha256).run([X, Y])
+        finally:
+            session.close()  # the daemon serves one session at a time
         return outputs
 
 
 def _device_info(device: Device) -> dict[str, Any]:
     with make_transport(device) as transport:
-        return DeviceSession(transport, transport.session()).info()
+        session = DeviceSession(transport, transport.session())
+        try:
+            return session.info()
+        finally:
+            session.close()
 
 
 @pytest.fixture
@@ -189,9 +195,6 @@ def test_x86_64_artifact_fails_clearly_and_the_board_keeps_serving(emulated_boar
             session.load(sha256)
         assert session.info()["arch"] == "aarch64"
         session.close()
-    # TVM's server serves one session at a time, so the first must be gone before the next opens
-    # (or the next waits for its timeout): closed above, and any cycle the error left collected.
-    gc.collect()
     assert _device_info(emulated_board)["arch"] == "aarch64"
 
 
@@ -211,7 +214,9 @@ def test_the_transport_boots_a_board_it_needs_and_stops_it(emulated_board: Devic
     assert not board.running() and board_status(device)["state"] == "stopped"
     with make_transport(device) as transport:
         assert transport.address == "169.254.42.9:9090 (started by edgekit)"
-        assert DeviceSession(transport, transport.session()).info()["hostname"] == "emu-auto"
+        session = DeviceSession(transport, transport.session())
+        assert session.info()["hostname"] == "emu-auto"
+        session.close()
     assert board_status(device)["state"] == "stopped"
     assert not Path("/run/netns", board.netns).exists()
     board_down(device)  # stopping a stopped board is fine
