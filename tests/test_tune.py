@@ -1,0 +1,102 @@
+"""Tuning over RPC against a real daemon, records reused by deploy; and the target refinement."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostkit.cli import main
+from hostkit.errors import TuneError
+from hostkit.inventory import load_inventory
+from hostkit.models import ModelSpec
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=100, color_system=None)
+
+
+@pytest.fixture
+def local_inventory(daemon: Any, write_inventory: Any, tmp_path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`local` is the session's real daemon; the cache is this test's own."""
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    inv = write_inventory({"devices": {"local": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
+                                                 "port": daemon.port}}})
+    monkeypatch.setenv("EDGEKIT_INVENTORY", str(inv))
+    return inv
+
+
+@pytest.mark.integration
+def test_tune_then_deploy_applies_records(local_inventory: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from hostkit.tune import tune_on_device
+
+    device = load_inventory(local_inventory).get("local")
+    console = _console()
+    summary = tune_on_device(device, ModelSpec("tinycnn"), trials=10, trials_per_task=2,
+                             time_budget_min=None, console=console)
+    assert summary["tasks"] >= 3 and 0 < summary["valid_trials"] <= summary["trials"] <= 10
+    records = Path(summary["records_dir"])
+    assert (records / "database_tuning_record.json").stat().st_size > 0
+    assert json.loads((records / "target.json").read_text())["num-cores"] >= 1
+    assert "tuning" in console.file.getvalue()
+
+    assert main(["deploy", "--device", "local", "tinycnn", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok", result["error"]
+    assert result["tuned"] is True and result["records"]
+    assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
+
+    # Resuming with a budget the records already cover runs nothing and keeps them.
+    again = tune_on_device(device, ModelSpec("tinycnn"), trials=summary["records"],
+                           trials_per_task=None, time_budget_min=None, console=None)
+    assert again["trials"] == 0 and again["records"] == summary["records"]
+
+
+@pytest.mark.integration
+def test_zero_valid_trials_is_an_error(local_inventory: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import hostkit.tune
+
+    with socket.socket() as probe:  # a port nothing listens on: every measurement fails
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setattr(hostkit.tune, "_rpc_address", lambda transport: ("127.0.0.1", closed))
+    device = load_inventory(local_inventory).get("local")
+    with pytest.raises(TuneError, match="no valid candidate") as info:
+        hostkit.tune.tune_on_device(device, ModelSpec("tinycnn"), trials=3, trials_per_task=1,
+                                    time_budget_min=None, console=None)
+    assert info.value.stage == "tune" and "failed to run" in str(info.value)
+
+
+def test_device_target_names_the_cpu() -> None:
+    from hostkit.targets import ResolvedTarget
+    from hostkit.tuning import _host_cpu_model, device_target, llvm_cpu_for
+
+    import tvm
+
+    assert llvm_cpu_for({"arch": "aarch64", "cpu": "0xd08", "cores": 4}) == "cortex-a72"
+    assert llvm_cpu_for({"arch": "aarch64", "cpu": "0xfff", "cores": 4}) is None
+    assert llvm_cpu_for({"arch": platform.machine(), "cpu": "some other cpu"}) is None
+    host = llvm_cpu_for({"arch": platform.machine(), "cpu": _host_cpu_model()})
+    assert host is None or tvm.target.codegen.llvm_is_valid_cpu(
+        host, tvm.target.codegen.llvm_get_system_triple())
+
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    refined = device_target(ResolvedTarget(arm, "aarch64-linux-gnu", "llvm"),
+                            {"arch": "aarch64", "cpu": "0xd08", "cores": 4})
+    assert str(refined.attrs["mcpu"]) == "cortex-a72" and int(refined.attrs["num-cores"]) == 4
+    pinned = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                "mcpu": "cortex-a53", "num-cores": 2})
+    kept = device_target(ResolvedTarget(pinned, "aarch64-linux-gnu", "llvm"),
+                         {"arch": "aarch64", "cpu": "0xd08", "cores": 4})
+    assert str(kept.attrs["mcpu"]) == "cortex-a53" and int(kept.attrs["num-cores"]) == 2
