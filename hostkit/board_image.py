@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from hostkit.defaults import cache_dir
 from hostkit.errors import ConnectError
@@ -77,23 +77,23 @@ def _which(tool: str) -> str | None:
     return shutil.which(tool, path=path)
 
 
-def host_problems() -> list[str]:
-    """Why this host cannot run the emulated board; empty when it can."""
+def host_problems(tools: Iterable[str] = tuple(HOST_TOOLS)) -> list[str]:
+    """Why this host cannot run the emulated board (or the named tools); empty when it can."""
     problems = []
     if os.geteuid() != 0:
         problems.append("the emulated board needs root (network namespaces, chroot, binfmt_misc); "
                         "run edgekit as root or use a real board")
     if sys.platform != "linux":
         problems.append("the emulated board needs Linux")
-    for tool, package in HOST_TOOLS.items():
+    for tool in tools:
         if _which(tool) is None:
             problems.append(f"the emulated board needs `{tool}`, which is not installed "
-                            f"(apt-get install {package})")
+                            f"(apt-get install {HOST_TOOLS[tool]})")
     return problems
 
 
-def check_host(device: str | None = None) -> None:
-    problems = host_problems()
+def check_host(device: str | None = None, tools: Iterable[str] = tuple(HOST_TOOLS)) -> None:
+    problems = host_problems(tools)
     if problems:
         raise ConnectError(problems[0], device=device, stage="board")
 

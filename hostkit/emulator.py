@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from hostkit.board_image import (BOARD_VENV, Progress, check_host, chroot_shell, ensure_image,
-                                 image_key, image_rootfs, install_devicekit, run_step)
+from hostkit.board_image import (BOARD_VENV, Progress, check_host, chroot_shell, ensure_binfmt,
+                                 ensure_image, image_key, image_rootfs, install_devicekit, run_step)
 from hostkit.defaults import PROBE_TIMEOUT_S
 from hostkit.errors import ConnectError, InventoryError
 from hostkit.inventory import Device
@@ -82,12 +82,13 @@ class EmulatedBoard:
 
     def start(self) -> tuple[str, int]:
         """Boot the board (building its image first if needed); a running board is kept."""
+        check_host(self.device.name)
         with self._locked():
             if self.running():
                 return self.address()
-            check_host(self.device.name)
             self._teardown()  # whatever a crashed board left behind
             rootfs = ensure_image(self.progress, self.device.name)
+            ensure_binfmt(self.device.name)  # registrations do not survive a reboot; images do
             started = time.monotonic()
             if install_devicekit(rootfs / self.board_dir.lstrip("/") / "app"):
                 self.progress(f"{self.device.name}: copied this host's devicekit onto the board")
@@ -104,6 +105,7 @@ class EmulatedBoard:
 
     def stop(self) -> None:
         """Stop the daemon and remove the namespace and veth; stopping a stopped board is fine."""
+        check_host(self.device.name, tools=("ip",))
         with self._locked():
             self._teardown()
 
