@@ -196,36 +196,38 @@ class EmulatedBoard:
                            hint=f"see {self.log_file}")
 
     def _teardown(self) -> None:
+        # Our own daemon, if this process started it: it must be reaped, or it lingers as a zombie.
+        child = _CHILDREN.pop(self.netns, None)
         state = self._read_state()
         if state is not None and _alive(int(state["pid"]), int(state["pid_start"])):
             os.kill(int(state["pid"]), signal.SIGTERM)
-            self._wait_gone([int(state["pid"])], self.STOP_TIMEOUT_S)
+            self._wait_gone([int(state["pid"])], child)
         if _netns_exists(self.netns):
             # Whatever still runs in the namespace is ours: TVM's server worker and its sessions.
             pids = [int(p) for p in _ip(["netns", "pids", self.netns]).split()]
             for pid in pids:
                 _kill(pid)
-            self._wait_gone(pids, self.STOP_TIMEOUT_S)
+            self._wait_gone(pids, child)
+        if child is not None:
+            child.wait(timeout=self.STOP_TIMEOUT_S)
         if Path(f"/sys/class/net/{self.host_veth}").exists():
             _ip(["link", "del", self.host_veth])
         if _netns_exists(self.netns):
             _ip(["netns", "del", self.netns])
         self.state_file.unlink(missing_ok=True)
 
-    def _wait_gone(self, pids: list[int], timeout: float) -> None:
-        child = _CHILDREN.pop(self.netns, None)
-        deadline = time.monotonic() + timeout
+    def _wait_gone(self, pids: list[int], child: subprocess.Popen[bytes] | None) -> None:
+        """Wait for pids to exit, then SIGKILL those that did not within STOP_TIMEOUT_S."""
+        deadline = time.monotonic() + self.STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             if child is not None:
-                child.poll()  # reaps our own daemon, which would otherwise linger as a zombie
+                child.poll()
             if not any(_alive(pid) for pid in pids):
                 return
             time.sleep(0.1)
         for pid in pids:
             if _alive(pid):
                 _kill(pid)
-        if child is not None and child.poll() is None:
-            child.wait(timeout=5)
 
     def _read_state(self) -> dict[str, Any] | None:
         try:
