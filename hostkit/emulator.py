@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -147,10 +148,13 @@ class EmulatedBoard:
             _ip(["-n", self.netns, *args])
 
     def _launch(self, rootfs: Path) -> None:
-        root = str(rootfs)
+        root = shlex.quote(str(rootfs))
         board = rootfs / self.board_dir.lstrip("/")
         (board / "port").unlink(missing_ok=True)
+        # qemu-user shows the host's /proc/cpuinfo, an x86 CPU on an aarch64 board; say what it is.
+        (board / "cpuinfo").write_text(_cpuinfo(), encoding="utf-8")
         setup = [f"echo {self.hostname} > /proc/sys/kernel/hostname",
+                 f"mount --bind {root}{self.board_dir}/cpuinfo {root}/proc/cpuinfo",
                  f"mount -t sysfs sysfs {root}/sys",
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/tmp",
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/dev/shm"]
@@ -173,7 +177,7 @@ class EmulatedBoard:
         # Every step of cmd execs the next, so proc.pid ends up being the daemon itself.
         state = {"device": self.device.name, "pid": proc.pid, "pid_start": _start_ticks(proc.pid),
                  "netns": self.netns, "host_veth": self.host_veth, "board": self.board_ip,
-                 "port": self.device.port, "rootfs": root, "started_at": time.time()}
+                 "port": self.device.port, "rootfs": str(rootfs), "started_at": time.time()}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.state_file)
@@ -311,6 +315,19 @@ def _alive(pid: int, start_ticks: int | None = None) -> bool:
     if fields[0] in ("Z", "X"):
         return False
     return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def _cpuinfo() -> str:
+    host_cpu = "unknown CPU"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                host_cpu = value.strip()
+                break
+    cores = len(os.sched_getaffinity(0))
+    return "".join(f"processor\t: {n}\nmodel name\t: qemu-aarch64 on {host_cpu}\n\n"
+                   for n in range(cores))
 
 
 def _kill(pid: int) -> None:

@@ -155,6 +155,7 @@ def test_board_reports_aarch64(emulated_board: Device) -> None:
 
     info = _device_info(emulated_board)
     assert info["arch"] == "aarch64"
+    assert info["cpu"].startswith("qemu-aarch64 on ")
     assert info["hostname"] == emulated_board.name
     assert info["tvm_version"] == tvm.__version__
     assert board_status(emulated_board)["state"] == "running"
