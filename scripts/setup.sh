@@ -7,12 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  gcc libc6-dev                                   # links .so artifacts for this machine
+  gcc g++ libc6-dev                               # TVM links .so artifacts with g++ by default
   gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf   # cross-links for 64- and 32-bit ARM boards
   debootstrap qemu-user-static binfmt-support     # the emulated Raspberry Pi 4 (arm64)
   iproute2 iptables                               # its network namespace
   openssh-server openssh-client                   # the ssh transport and its tests
-  python3-venv                                    # venvs for boards provisioned over ssh
+  python3 python3-venv                            # a bare board python for the ssh install tests
 )
 
 missing=()
