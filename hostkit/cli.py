@@ -260,7 +260,9 @@ def cmd_board(args: argparse.Namespace) -> int:
                              f"{device.managed}); pick one with managed: qemu-arm64")
     console = _console(args)
     if args.action == "up":
-        host, port = emulator.board_up(device)
+        progress = _progress_console()
+        host, port = emulator.board_up(device, progress=lambda line: progress.print(line,
+                                                                                  style="dim"))
         state: dict[str, Any] = {"device": device.name, "status": "up", "address": f"{host}:{port}"}
     elif args.action == "down":
         emulator.board_down(device)
@@ -318,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # Booting or building the emulated board takes seconds to minutes: show its steps.
+    logging.getLogger("edgekit.board").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except EdgekitError as exc:

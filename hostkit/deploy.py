@@ -130,6 +130,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
             artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
                                       tuning=tuning, device=device.name)
         result.artifact_sha256, result.artifact_bytes = artifact.sha256, artifact.size
+        result.artifact_path = str(artifact.path)
         result.cached, result.compile_s = artifact.cached, artifact.compile_s
         result.tuned, result.records = artifact.tuned, artifact.records
 

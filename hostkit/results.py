@@ -65,6 +65,7 @@ class RunResult:
     error: str | None = None
     stage: str | None = None
     artifact_sha256: str | None = None
+    artifact_path: str | None = None
     artifact_bytes: int | None = None
     cached: bool | None = None
     uploaded: bool | None = None

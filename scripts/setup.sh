@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   gcc g++ libc6-dev                               # TVM links .so artifacts with g++ by default
-  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf   # cross-links for 64- and 32-bit ARM boards
-  debootstrap qemu-user-static binfmt-support     # the emulated Raspberry Pi 4 (arm64)
-  iproute2 iptables                               # its network namespace
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross     # cross-links for 64-bit ARM boards
+  gcc-arm-linux-gnueabihf libc6-dev-armhf-cross   # and for 32-bit ARM (armv7, hard float)
+  debootstrap qemu-user-static                    # the emulated Raspberry Pi 4 (arm64)
+  iproute2 util-linux mount coreutils             # its network namespace and mounts
+  ca-certificates                                 # pip and debootstrap over https
   openssh-server openssh-client                   # the ssh transport and its tests
   python3 python3-venv                            # a bare board python for the ssh install tests
 )

@@ -1,0 +1,67 @@
+"""Deploy and bench through the CLI on the emulated Raspberry Pi 4 (arm64 under qemu)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devicekit.info import elf_machine
+from hostkit.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def board_inventory(emulated_board: Any, write_inventory: Any) -> Path:
+    # The same board the session fixture booted, as a user would describe a Pi 4.
+    # The board's identity (namespace, state) is its device name, so the name is the fixture's.
+    return write_inventory({"devices": {emulated_board.name: {
+        "target": "raspberry-pi/4b-aarch64", "host": emulated_board.host,
+        "port": emulated_board.port, "managed": "qemu-arm64", "session_timeout": 900}}})
+
+
+BOARD = "emu-test"
+
+
+def _deploy(inventory: Path, model: str, capsys: pytest.CaptureFixture[str], *extra: str) -> Any:
+    code = main(["deploy", "-i", str(inventory), "-d", BOARD, model, "--json", *extra])
+    result = json.loads(capsys.readouterr().out)
+    assert code == (0 if result["status"] == "ok" else 1)
+    return result
+
+
+def test_tinycnn_on_the_board(board_inventory: Path, emulated_board: Any,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert emulated_board.name == BOARD
+    result = _deploy(board_inventory, "tinycnn", capsys, "--repeat", "5")
+    assert result["status"] == "ok", result["error"]
+    assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
+    assert result["emulated"] is True
+    assert result["device_info"]["arch"] == "aarch64"
+    assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"
+
+
+def test_bench_row_is_marked_emulated(board_inventory: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "-i", str(board_inventory), "--device", BOARD, "tinycnn",
+                 "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{BOARD}*" in out and "1 ok, 0 failed" in out and "emulated board" in out
+
+
+def test_tar_format_is_linked_on_the_board(board_inventory: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    result = _deploy(board_inventory, "tinycnn", capsys, "--format", "tar", "--repeat", "2")
+    assert result["status"] == "ok", result["error"]
+    assert result["artifact_path"].endswith(".tar") and result["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_resnet18_on_the_board(board_inventory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _deploy(board_inventory, "resnet18", capsys, "--repeat", "1", "--warmup", "0")
+    assert result["status"] == "ok", result["error"]
+    assert result["max_abs_diff"] < 1e-4 and result["top1_match"] and result["top5_match"]
+    assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"
