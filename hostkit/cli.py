@@ -183,8 +183,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     (result,) = _run(args, [device], [args.model])
     if args.json:
         print(to_json(result.to_json()))
-    else:
-        deploy_summary(_console(args), result)
+    elif result.ok or result.max_abs_diff is not None:
+        deploy_summary(_console(args), result)  # a failed check still shows what was measured
+    if not result.ok and not args.json:
+        print(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage})",
+              file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -90,3 +90,15 @@ def test_unresolvable_board_fails_fast_without_compiling(write_inventory: Any,
     out = capsys.readouterr().out
     assert '"stage": "connect"' in out and "cannot resolve host pi4.invalid" in out
     assert '"compile_s": null' in out
+
+
+def test_unreachable_deploy_is_one_red_line(write_inventory: Any,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    inv = write_inventory({"devices": {"pi4": {"target": "raspberry-pi/4b-aarch64",
+                                               "host": "pi4.invalid"}}})
+    assert main(["deploy", "-i", str(inv), "-d", "pi4", "resnet18"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("edgekit: error:")]
+    assert errors == ["edgekit: error: pi4: cannot resolve host pi4.invalid (check the host in the "
+                      "inventory, or use an IP address) (stage: connect)"]

@@ -19,7 +19,7 @@ from hostkit.inventory import Device
 if TYPE_CHECKING:
     from tvm.rpc import RPCSession
 
-__all__ = ["Transport", "Progress", "port_open", "connect_rpc"]
+__all__ = ["Transport", "Progress", "port_open", "connect_rpc", "resolve"]
 
 Progress = Callable[[int, int], None]
 
@@ -36,17 +36,21 @@ def port_open(host: str, port: int, timeout: float) -> bool:
         return False
 
 
+def resolve(device: Device, host: str) -> None:
+    """ConnectError unless the host name resolves: a typo should not read as a dead board."""
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as exc:
+        raise ConnectError(f"cannot resolve host {host}", device=device.name, stage="connect",
+                           hint="check the host in the inventory, or use an IP address") from exc
+
+
 def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -> "RPCSession":
     """An RPC session to a daemon at host:port, with TVM's errors mapped to ConnectError."""
     from tvm import rpc
 
     hint = hint or f"is the daemon running there? try `edgekit devices` or `edgekit doctor --device {device.name}`"
-    try:
-        socket.getaddrinfo(host, port)
-    except OSError as exc:
-        raise ConnectError(f"cannot resolve host {host}", device=device.name, stage="connect",
-                           hint="check the device's host in the inventory, or use its IP "
-                                "address") from exc
+    resolve(device, host)
     if not port_open(host, port, device.connect_timeout):
         raise ConnectError(f"cannot reach {host}:{port}", device=device.name, stage="connect",
                            hint=hint)

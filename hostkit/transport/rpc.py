@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from hostkit.errors import ConnectError
 from hostkit.inventory import Device
-from hostkit.transport.base import Transport, _first_line, connect_rpc, port_open
+from hostkit.transport.base import Transport, _first_line, connect_rpc, port_open, resolve
 from hostkit.transport.launch import Launcher, launcher_for
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class TrackerTransport(Transport):
 
     def open(self) -> None:
         host, port = self._tracker_addr()
+        resolve(self.device, host)
         if not port_open(host, port, self.device.connect_timeout):
             raise ConnectError(f"cannot reach tracker {host}:{port}", device=self.device.name,
                                stage="connect", hint="is `edgekit-device tracker` running there?")
