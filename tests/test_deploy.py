@@ -31,8 +31,10 @@ def _json(capsys: pytest.CaptureFixture[str]) -> Any:
 def test_deploy_tinycnn_then_cached(daemon: Any, write_inventory: Any,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     inv = _inventory(write_inventory, daemon)
+    # An input shape no other test uses, so this artifact is new to the session's caches.
+    shape = ["--input-shape", "1,3,40,40"]
     assert main(["deploy", "-i", str(inv), "--device", "dev", "tinycnn", "--json",
-                 "--repeat", "5"]) == 0
+                 "--repeat", "5", *shape]) == 0
     first = _json(capsys)
     assert first["status"] == "ok" and first["max_abs_diff"] < 1e-4 and first["top1_match"]
     assert first["cached"] is False and first["uploaded"] is True
@@ -42,7 +44,7 @@ def test_deploy_tinycnn_then_cached(daemon: Any, write_inventory: Any,
     assert stored, "the artifact lands in the daemon's store under its hash"
 
     assert main(["deploy", "-i", str(inv), "--device", "dev", "tinycnn", "--json",
-                 "--repeat", "3"]) == 0
+                 "--repeat", "3", *shape]) == 0
     second = _json(capsys)
     assert second["cached"] is True and second["compile_s"] == 0.0
     assert second["uploaded"] is False, "an unchanged artifact is not pushed again"
