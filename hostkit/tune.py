@@ -58,6 +58,7 @@ class TuneStats:
     run_errors: int = 0
     best_s: dict[int, float] = field(default_factory=dict)
     first_error: str | None = None
+    budget_spent: bool = False
 
     def record(self, task_id: int, builder_results: list[Any], runner_results: list[Any]) -> None:
         for built, ran in zip(builder_results, runner_results):
@@ -285,6 +286,10 @@ def export_candidate(export_dir: str, cross_compiler: str | None, mod: Any) -> s
     return path
 
 
+class _BudgetSpent(Exception):
+    """Raised from the measure callback to end a tune whose time budget is spent."""
+
+
 def _progress_callback(stats: TuneStats, budget_s: float | None, on_update: Any) -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -296,9 +301,11 @@ def _progress_callback(stats: TuneStats, budget_s: float | None, on_update: Any)
             stats.record(task_id, list(builder_results), list(runner_results))
             on_update()
             if budget_s is not None and stats.elapsed() >= budget_s:
-                for index, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:
-                        task_scheduler.terminate_task(index)
+                # Terminating tasks from here trips the scheduler's own checks (it may already
+                # have picked one); stopping the whole tune is safe: this batch's records are
+                # in the database already (the default callbacks run before this one).
+                stats.budget_spent = True
+                raise _BudgetSpent()
 
     return Progress()
 
@@ -335,6 +342,8 @@ def _run_tuner(tasks: list[Any], target: "tvm.target.Target", work_dir: str, tri
     except TuneError:
         raise
     except Exception as exc:
+        if stats.budget_spent:  # our own stop (it may come back wrapped by TVM's FFI)
+            return stats
         raise TuneError(f"MetaSchedule failed: {_first_line(str(exc))}", device=device,
                         stage="tune") from exc
     finally:

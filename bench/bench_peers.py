@@ -1,0 +1,276 @@
+"""TVM (untuned and tuned) against PyTorch eager and ONNX Runtime, side by side in one run.
+
+    python bench/bench_peers.py                       # resnet18 and mobilenet_v2 on `local`
+    python bench/bench_peers.py --tune-budget 25      # tune first where no records exist
+    python bench/bench_peers.py --json                # the same rows as JSON on stdout
+
+Every model is batch 1, fp32, with edgekit's seeded random weights and input. TVM runs on the
+device (the local daemon by default) and is timed there with `time_evaluator`; PyTorch and ONNX
+Runtime run in this process with the same thread count. The engines are timed in interleaved
+rounds, so a neighbour's load on a shared machine falls on all of them alike: the ratios are what
+count, the absolute figures move with the machine. Outputs are checked against PyTorch before any
+timing is trusted. The run fails (exit 1) when a target below is missed, unless --no-floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+# Targets: tuned TVM latency over the peer's, per model (lower is better).
+TARGETS: dict[str, dict[str, float]] = {
+    "resnet18": {"pytorch": 0.8, "onnxruntime": 1.0},
+    "mobilenet_v2": {"pytorch": 0.6},
+}
+ENGINES = ("tvm-untuned", "tvm-tuned", "pytorch", "onnxruntime")
+
+
+@dataclass
+class Row:
+    model: str
+    engine: str
+    p50_ms: float | None = None
+    mean_ms: float | None = None
+    n: int = 0
+    max_abs_diff: float | None = None
+    note: str = ""
+    samples: list[float] = field(default_factory=list, repr=False)
+
+
+def _local_device(name: str, inventory: Path | None) -> Any:
+    from hostkit.cli import BUILTIN_INVENTORY
+    from hostkit.inventory import load_inventory, parse_inventory
+
+    inv = load_inventory(inventory) if inventory else parse_inventory(BUILTIN_INVENTORY)
+    return inv.get(name)
+
+
+def _torch_timer(model: Any, threads: int) -> Callable[[int], list[float]]:
+    import torch
+
+    torch.set_num_threads(threads)
+    module = model._module
+    x = torch.from_numpy(model.inputs[0])
+
+    def run(n: int) -> list[float]:
+        out = []
+        with torch.inference_mode():
+            for _ in range(n):
+                start = time.perf_counter()
+                module(x)
+                out.append((time.perf_counter() - start) * 1e3)
+        return out
+
+    return run
+
+
+def _ort_timer(model: Any, threads: int, workdir: Path,
+               reference: np.ndarray) -> tuple[Callable[[int], list[float]], float]:
+    import onnxruntime as ort
+    import torch
+
+    path = workdir / f"{model.name}.onnx"
+    x = torch.from_numpy(model.inputs[0])
+    torch.onnx.export(model._module, (x,), str(path), dynamo=False, input_names=["x"],
+                      opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"x": model.inputs[0]}
+    diff = float(np.abs(session.run(None, feed)[0] - reference).max())
+
+    def run(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            session.run(None, feed)
+            out.append((time.perf_counter() - start) * 1e3)
+        return out
+
+    return run, diff
+
+
+def _tvm_timer(session: Any, model: Any, resolved: Any, cross_cc: str | None, tuning: Any,
+               device: Any, reference: np.ndarray) -> tuple[Callable[[int], list[float]], float,
+                                                              Any]:
+    from hostkit.compiler import build_artifact
+
+    artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
+                              tuning=tuning, device=device.name)
+    session.ensure_artifact(artifact.path, artifact.sha256)
+    loaded = session.load(artifact.sha256)
+    outputs, _ = loaded.run(model.inputs)
+    diff = float(np.abs(outputs[0] - reference).max())
+
+    def run(n: int) -> list[float]:
+        return loaded.benchmark(n, 0)
+
+    return run, diff, artifact
+
+
+def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, resolved: Any,
+                cross_cc: str | None, workdir: Path, log: Callable[[str], None]) -> list[Row]:
+    from hostkit.models import ModelSpec, load_model
+    from hostkit.tune import tune_on_device
+    from hostkit.tuning import records_for
+
+    spec = ModelSpec(name)
+    model = load_model(spec)
+    reference = model.reference()[0]
+    threads = args.threads or int(session.info().get("cores") or os.cpu_count() or 1)
+    rows = {e: Row(model=name, engine=e) for e in ENGINES}
+    timers: dict[str, Callable[[int], list[float]]] = {}
+
+    log(f"{name}: building untuned")
+    timers["tvm-untuned"], rows["tvm-untuned"].max_abs_diff, _ = _tvm_timer(
+        session, model, resolved, cross_cc, None, device, reference)
+
+    records = records_for(model, resolved)
+    if not records.exists():
+        if args.tune_budget <= 0:
+            rows["tvm-tuned"].note = "no records (pass --tune-budget to tune)"
+        else:
+            log(f"{name}: no records, tuning for up to {args.tune_budget:g} min")
+            from rich.console import Console
+
+            summary = tune_on_device(device, spec, trials=args.trials, trials_per_task=None,
+                                     time_budget_min=args.tune_budget,
+                                     console=Console(stderr=True))
+            rows["tvm-tuned"].note = (f"tuned now: {summary['valid_trials']} trials in "
+                                      f"{summary['tune_s'] / 60:.1f} min")
+    if records.exists():
+        log(f"{name}: building tuned ({records.count()} records)")
+        timers["tvm-tuned"], rows["tvm-tuned"].max_abs_diff, artifact = _tvm_timer(
+            session, model, resolved, cross_cc, records, device, reference)
+        rows["tvm-tuned"].note = rows["tvm-tuned"].note or f"{records.count()} records"
+        if not artifact.tuned:
+            rows["tvm-tuned"].note += "; records did not apply"
+
+    timers["pytorch"] = _torch_timer(model, threads)
+    rows["pytorch"].max_abs_diff = 0.0
+    rows["pytorch"].note = f"{threads} threads"
+    try:
+        timers["onnxruntime"], rows["onnxruntime"].max_abs_diff = _ort_timer(
+            model, threads, workdir, reference)
+        rows["onnxruntime"].note = f"{threads} threads"
+    except Exception as exc:  # no exporter or ORT build: the row says why, the others still run
+        rows["onnxruntime"].note = f"unavailable: {str(exc).splitlines()[0][:120]}"
+
+    for engine, timer in timers.items():  # warm up: first calls pay for lazy set-up
+        timer(args.warmup)
+    log(f"{name}: timing {args.rounds} interleaved rounds of {args.repeat}")
+    for _ in range(args.rounds):
+        for engine, timer in timers.items():
+            rows[engine].samples.extend(timer(args.repeat))
+    for row in rows.values():
+        if row.samples:
+            row.n = len(row.samples)
+            row.p50_ms = statistics.median(row.samples)
+            row.mean_ms = statistics.fmean(row.samples)
+    return list(rows.values())
+
+
+def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """Tuned TVM over each peer, per model, with the target and whether it is met."""
+    out = []
+    by = {(r.model, r.engine): r for r in rows}
+    for model in dict.fromkeys(r.model for r in rows):
+        tuned = by.get((model, "tvm-tuned"))
+        for peer in ("pytorch", "onnxruntime"):
+            other = by.get((model, peer))
+            if tuned is None or other is None or not tuned.p50_ms or not other.p50_ms:
+                continue
+            ratio = tuned.p50_ms / other.p50_ms
+            target = TARGETS.get(model, {}).get(peer)
+            out.append({"model": model, "peer": peer, "ratio": round(ratio, 3), "target": target,
+                        "met": None if target is None else ratio <= target})
+    return out
+
+
+def render(rows: list[Row], checks: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"batch 1 fp32 on {meta['device']} ({meta['cpu']}, {meta['threads']} "
+                        "threads), one run, interleaved rounds")
+    for col in ("model", "engine", "p50 ms", "mean ms", "n", "vs PyTorch", "max |diff|", "note"):
+        table.add_column(col, justify="right" if col.endswith(("ms", "n", "PyTorch")) else "left")
+    torch_p50 = {r.model: r.p50_ms for r in rows if r.engine == "pytorch"}
+    for r in rows:
+        base = torch_p50.get(r.model)
+        rel = f"{r.p50_ms / base:.2f}x" if r.p50_ms and base else "-"
+        table.add_row(r.model, r.engine, f"{r.p50_ms:.2f}" if r.p50_ms else "-",
+                      f"{r.mean_ms:.2f}" if r.mean_ms else "-", str(r.n), rel,
+                      f"{r.max_abs_diff:.1e}" if r.max_abs_diff is not None else "-", r.note)
+    console.print(table)
+    for c in checks:
+        mark = "-" if c["met"] is None else ("[green]met[/green]" if c["met"] else "[red]missed[/red]")
+        target = f"target <= {c['target']}" if c["target"] is not None else "no target"
+        console.print(f"{c['model']}: tuned TVM / {c['peer']} = {c['ratio']:.2f} ({target}) {mark}")
+    console.print("legend: p50/mean of per-inference latencies; vs PyTorch = p50 over PyTorch's "
+                  "p50 (lower is faster); max |diff| = largest output difference from PyTorch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("models", nargs="*", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--device", default="local")
+    parser.add_argument("--inventory", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=0, help="default: the device's cores")
+    parser.add_argument("--repeat", type=int, default=20, help="inferences per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tune-budget", type=float, default=0.0, metavar="MINUTES",
+                        help="tune models without records for up to this long each (0: never)")
+    parser.add_argument("--trials", type=int, default=4000, help="trial cap when tuning")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-floor", action="store_true", help="exit 0 even if a target is missed")
+    args = parser.parse_args(argv)
+
+    from hostkit.remote import DeviceSession, check_versions
+    from hostkit.targets import check_cross_compiler, resolve_target
+    from hostkit.transport import make_transport
+
+    device = _local_device(args.device, args.inventory)
+    resolved = resolve_target(device)
+    cross_cc = check_cross_compiler(device, resolved)
+
+    def log(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    rows: list[Row] = []
+    with make_transport(device) as transport, tempfile.TemporaryDirectory() as tmp:
+        session = DeviceSession(transport, transport.session())
+        info = session.info()
+        check_versions(device.name, info)
+        for name in args.models:
+            rows.extend(bench_model(name, args, device, session, resolved, cross_cc, Path(tmp),
+                                    log))
+        session.close()
+    checks = ratios(rows)
+    meta = {"device": device.name, "cpu": info.get("cpu"),
+            "threads": args.threads or info.get("cores")}
+    if args.json:
+        records = [{k: v for k, v in asdict(r).items() if k != "samples"} for r in rows]
+        print(json.dumps({"meta": meta, "rows": records, "ratios": checks}, indent=2))
+    else:
+        render(rows, checks, meta)
+    missed = [c for c in checks if c["met"] is False]
+    return 1 if missed and not args.no_floor else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
