@@ -133,12 +133,16 @@ def test_embedded_local_daemon_started_and_stopped(write_inventory: Any,
 
 
 def _daemons() -> set[int]:
+    """Daemons and TVM workers descending from this test process (others may run beside it)."""
     found = set()
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and (
-                "devicekit serve" in cmd or "tvm.exec.popen_worker" in cmd):
-            found.add(proc.pid)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+            if proc.status() != psutil.STATUS_ZOMBIE and (
+                    "devicekit serve" in cmd or "tvm.exec.popen_worker" in cmd):
+                found.add(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
