@@ -7,7 +7,7 @@ if [ "$#" -gt 0 ]; then
     exec "$@"
 fi
 set -- edgekit-device serve --listen 0.0.0.0 --port "${EDGEKIT_PORT:-9090}" \
-    --store /var/lib/edgekit-device
+    --store "${EDGEKIT_STORE:-/var/lib/edgekit-device}"
 if [ -n "${EDGEKIT_TRACKER:-}" ]; then
     set -- "$@" --tracker "$EDGEKIT_TRACKER" \
         --key "${EDGEKIT_KEY:?EDGEKIT_KEY must be set when EDGEKIT_TRACKER is}"
