@@ -107,6 +107,19 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
     return results
 
 
+def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int], None]:
+    """Report an upload in tenths: transports call back for every chunk they send."""
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = (10 * done) // total if total else 10
+        if tenth != shown[0]:
+            shown[0] = tenth
+            note(device, model, f"uploading {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+
+    return progress
+
+
 def _fail(result: RunResult, exc: EdgekitError) -> None:
     result.status = "failed"
     result.error = exc.message + (f" ({exc.hint})" if exc.hint else "")
@@ -135,7 +148,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         result.tuned, result.records = artifact.tuned, artifact.records
 
         note(device.name, spec.name, f"uploading {artifact.size / 1e6:.1f} MB")
-        sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256)
+        sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256,
+                                                 _upload_progress(device.name, spec.name, note))
         result.uploaded, result.upload_s = sent, upload_s
 
         note(device.name, spec.name, "loading on device")
