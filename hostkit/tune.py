@@ -300,10 +300,13 @@ def _progress_callback(stats: TuneStats, budget_s: float | None, on_update: Any)
                   builder_results: Any, runner_results: Any) -> None:
             stats.record(task_id, list(builder_results), list(runner_results))
             on_update()
-            if budget_s is not None and stats.elapsed() >= budget_s:
+            if budget_s is not None and stats.elapsed() >= budget_s and not any(
+                    index != task_id and task.measure_candidates is not None
+                    for index, task in enumerate(task_scheduler.tasks_)):
                 # Terminating tasks from here trips the scheduler's own checks (it may already
-                # have picked one); stopping the whole tune is safe: this batch's records are
-                # in the database already (the default callbacks run before this one).
+                # have picked one); ending the whole tune is safe once no other task's measured
+                # batch awaits its join: this batch is in the database already (the default
+                # callbacks run before this one).
                 stats.budget_spent = True
                 raise _BudgetSpent()
 
