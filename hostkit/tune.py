@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,7 +109,6 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
     records = records_for(model, resolved)
     before = records.count()
     with make_transport(device) as transport:
-        _drain_daemon_stderr(transport)
         session = DeviceSession(transport, transport.session())
         info = session.info()
         check_versions(device.name, info)
@@ -145,28 +143,6 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         "estimated_ms": round(estimate, 3) if estimate is not None else None,
         "tune_s": round(stats.elapsed(), 1), "records_dir": str(records.work_dir),
     }
-
-
-def _drain_daemon_stderr(transport: Any) -> None:
-    """Keep reading the stderr of a daemon this run started, so it never blocks writing to it.
-
-    The launcher keeps the daemon's stderr as a pipe to report a failed start; once started,
-    nothing reads it, and tuning opens hundreds of sessions, each logged: after 64 KiB the daemon
-    (and the session measuring a candidate) would block on that write and the tune would hang.
-    """
-    proc = getattr(getattr(transport, "_launcher", None), "proc", None)
-    stream = getattr(proc, "stderr", None)
-    if stream is None:
-        return
-
-    def drain() -> None:
-        try:
-            while stream.read(1 << 16):
-                pass
-        except (OSError, ValueError):  # closed by the launcher's stop()
-            pass
-
-    threading.Thread(target=drain, name="edgekit-daemon-stderr", daemon=True).start()
 
 
 def _describe(target: "tvm.target.Target") -> str:

@@ -40,7 +40,7 @@ def launcher_for(device: Device) -> Launcher:
 
 
 def wait_for_port_file(port_file: Path, proc: subprocess.Popen[bytes], timeout: float,
-                       what: str, device: str) -> int:
+                       what: str, device: str, log: Path | None = None) -> int:
     """The port a daemon announced in its --port-file, or ConnectError if it died or stalled."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -49,7 +49,7 @@ def wait_for_port_file(port_file: Path, proc: subprocess.Popen[bytes], timeout: 
             if text.isdigit():
                 return int(text)
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = log.read_text(errors="replace") if log and log.exists() else ""
             tail = " | ".join(err.strip().splitlines()[-3:])
             raise ConnectError(f"{what} exited with code {proc.returncode}: {tail}",
                                device=device, stage="start")
@@ -79,13 +79,17 @@ class LocalDaemon:
     def start(self) -> tuple[str, int]:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-local-")
         port_file = Path(self._tmp.name) / "port"
+        # The daemon logs every session; a file never fills up and blocks it, as a pipe would.
+        self.log_path = Path(self._tmp.name) / "daemon.log"
         cmd = [sys.executable, "-m", "devicekit", "serve", "--listen", DEFAULT_BIND,
                "--port", "0", "--port-file", str(port_file)]
         # Port 0 lets the kernel pick a free port; TVM's server then reports the one it bound.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=log, start_new_session=True)
         self.port = wait_for_port_file(port_file, self.proc, self.START_TIMEOUT_S,
-                                       "the local edgekit-device daemon", self.device.name)
+                                       "the local edgekit-device daemon", self.device.name,
+                                       self.log_path)
         return DEFAULT_BIND, self.port
 
     def stop(self) -> None:
@@ -98,8 +102,6 @@ class LocalDaemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
         self.proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
