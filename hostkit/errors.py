@@ -47,32 +47,32 @@ class EdgekitError(Exception):
 
 
 class InventoryError(EdgekitError):
-    pass
+    """inventory.yaml: missing file, unknown key, wrong type, duplicate."""
 
 
 class TargetError(EdgekitError):
-    pass
+    """A target TVM rejects, or a missing or wrong cross compiler."""
 
 
 class ModelError(EdgekitError):
-    pass
+    """An unknown model name, or an unreadable weights or .pt2 file."""
 
 
 class CompileError(EdgekitError):
-    pass
+    """Import to Relax (an unsupported operator) or compilation failed."""
 
 
 class ConnectError(EdgekitError):
-    pass
+    """The device cannot be reached, or its TVM version does not match."""
 
 
 class TransferError(EdgekitError):
-    pass
+    """An artifact did not reach the device intact."""
 
 
 class RemoteError(EdgekitError):
-    pass
+    """Loading or running on the device failed, or outputs differ from PyTorch."""
 
 
 class TuneError(EdgekitError):
-    pass
+    """Tuning found no valid candidate, or its records are unusable."""
