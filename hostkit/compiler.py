@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Artifact:
     tuned: bool
     records: str | None
     fmt: str
+    tuned_kernels: str | None = None  # "covered/tunable" when records were applied
 
     @property
     def size(self) -> int:
@@ -100,14 +101,16 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     if lib.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return Artifact(path=lib, sha256=meta["sha256"], cached=True, compile_s=0.0,
-                        tuned=meta["tuned"], records=meta.get("records"), fmt=fmt)
+                        tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
+                        tuned_kernels=meta.get("tuned_kernels"))
 
     start = time.perf_counter()
     mod = import_relax(model)
-    tuned = False
+    tuned, coverage = False, None
     try:
         if records_id is not None:
-            executable, tuned = tuning.compile(mod, target.target)
+            executable, coverage = tuning.compile(mod, target.target)
+            tuned = coverage.tuned > 0
         else:
             import tvm
 
@@ -125,7 +128,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
         sha = file_sha256(staging / lib.name)
         compile_s = time.perf_counter() - start
         meta = {"sha256": sha, "model": model.name, "target": target.to_json(), "format": fmt,
-                "tuned": tuned, "records": records_id, "compile_s": compile_s}
+                "tuned": tuned, "records": records_id if tuned else None, "compile_s": compile_s,
+                "tuned_kernels": str(coverage) if coverage is not None else None}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if folder.exists():  # a concurrent build of the same key won; keep the existing one
             shutil.rmtree(staging)
@@ -136,7 +140,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
             shutil.rmtree(staging, ignore_errors=True)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     return Artifact(path=lib, sha256=meta["sha256"], cached=False, compile_s=compile_s,
-                    tuned=meta["tuned"], records=meta.get("records"), fmt=fmt)
+                    tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
+                    tuned_kernels=meta.get("tuned_kernels"))
 
 
 def _export(executable: Any, path: Path, fmt: str, cross_compiler: str | None,

@@ -146,6 +146,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         result.artifact_path = str(artifact.path)
         result.cached, result.compile_s = artifact.cached, artifact.compile_s
         result.tuned, result.records = artifact.tuned, artifact.records
+        result.tuned_kernels = artifact.tuned_kernels
 
         note(device.name, spec.name, f"uploading {artifact.size / 1e6:.1f} MB")
         sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256,

@@ -22,7 +22,7 @@ LEGEND = ("status: ok = ran and matched PyTorch within atol; failed = see the er
           "latency: p50/p90 over n device-timed runs (ms). diff: max abs diff vs PyTorch. "
           "* = emulated board: timings are not board timings")
 
-CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "emulated", "cached",
+CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated", "cached",
               "max_abs_diff", "top1_match", "top5_match", "compile_s", "upload_s", "load_s",
               "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
               "artifact_sha256"]
@@ -60,7 +60,7 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         ("target", result.target or "-"),
         ("artifact", f"{result.artifact_sha256[:16]}… ({(result.artifact_bytes or 0) / 1e6:.1f} MB"
                      f"{', cached' if result.cached else ''})" if result.artifact_sha256 else "-"),
-        ("tuned", ("yes (" + (result.records or "") + ")") if result.tuned else "no"),
+        ("tuned", _tuned(result)),
         ("compile", "cached" if result.cached else _sec(result.compile_s)),
         ("upload", "already on device" if result.uploaded is False else _sec(result.upload_s)),
         ("load", _sec(result.load_s)),
@@ -114,6 +114,13 @@ def devices_table(console: Console, rows: Iterable[dict[str, Any]]) -> None:
                       ", ".join(row["groups"]) or "-", f"[{colour}]{row['status']}[/{colour}]",
                       row["reports"])
     console.print(table)
+
+
+def _tuned(result: RunResult) -> str:
+    if not result.tuned:
+        return "no"
+    kernels = f"{result.tuned_kernels} kernels, " if result.tuned_kernels else ""
+    return f"yes ({kernels}records {result.records or '-'})"
 
 
 def to_json(data: Any) -> str:

@@ -71,6 +71,7 @@ class RunResult:
     uploaded: bool | None = None
     tuned: bool = False
     records: str | None = None
+    tuned_kernels: str | None = None  # kernels the records scheduled / kernels that could be tuned
     emulated: bool = False
     max_abs_diff: float | None = None
     top1_match: bool | None = None
