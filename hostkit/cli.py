@@ -246,11 +246,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(summary))
     else:
-        _console(args).print(
+        console = _console(args)
+        estimate = summary["estimated_ms"]
+        console.print(
             f"[green]tuned[/green] {summary['model']} on {summary['device']}: "
             f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
-            f"{summary['tune_s']:.0f}s; records in {summary['records_dir']}. "
+            f"{summary['tune_s']:.0f}s"
+            + (f"; sum of the best kernels {estimate:.2f} ms" if estimate is not None else "")
+            + f"; records in {summary['records_dir']}. "
             f"`edgekit deploy --device {device.name} {args.model}` applies them.")
+        console.print("slowest kernels (best measured, per inference):")
+        for row in summary["kernels"][:5]:
+            if row["best_ms"] is None:
+                console.print(f"  {row['kernel']} x{row['count']}: not measured yet")
+                continue
+            share = row["count"] * row["best_ms"] / estimate if estimate else None
+            console.print(f"  {row['kernel']} x{row['count']}: {row['best_ms']:.3f} ms"
+                          + (f", {row['gflops']:.0f} GFLOP/s" if row["gflops"] else "")
+                          + (f", {share:.0%} of the total" if share else ""))
     return 0
 
 
