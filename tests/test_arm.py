@@ -65,3 +65,23 @@ def test_resnet18_on_the_board(board_inventory: Path, capsys: pytest.CaptureFixt
     assert result["status"] == "ok", result["error"]
     assert result["max_abs_diff"] < 1e-4 and result["top1_match"] and result["top5_match"]
     assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"
+
+
+@pytest.mark.slow
+def test_tune_on_the_board_then_deploy_tuned(board_inventory: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Candidates cross-compiled here and timed on the board over RPC; deploy applies them."""
+    assert main(["tune", "-i", str(board_inventory), "-d", BOARD, "tinycnn", "--trials", "4",
+                 "--trials-per-task", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["valid_trials"] >= 1 and "aarch64" in summary["target"]
+    records = Path(summary["records_dir"])
+    assert json.loads((records / "target.json").read_text())["mtriple"] == "aarch64-linux-gnu"
+
+    result = _deploy(board_inventory, "tinycnn", capsys, "--repeat", "2")
+    assert result["status"] == "ok", result["error"]
+    assert result["tuned"] is True and result["records"].startswith(records.parent.name)
+    tuned, total = map(int, result["tuned_kernels"].split("/"))
+    assert 0 < tuned <= total
+    assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
+    assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"

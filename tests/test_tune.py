@@ -42,16 +42,24 @@ def test_tune_then_deploy_applies_records(local_inventory: Path,
     console = _console()
     summary = tune_on_device(device, ModelSpec("tinycnn"), trials=10, trials_per_task=2,
                              time_budget_min=None, console=console)
-    assert summary["tasks"] >= 3 and 0 < summary["valid_trials"] <= summary["trials"] <= 10
+    # MetaSchedule checks the trial limit before each batch (2 trials here), so the last batch
+    # may pass it by one trial less than a batch.
+    assert summary["tasks"] >= 3 and 0 < summary["valid_trials"] <= summary["trials"] <= 10 + 1
     records = Path(summary["records_dir"])
     assert (records / "database_tuning_record.json").stat().st_size > 0
     assert json.loads((records / "target.json").read_text())["num-cores"] >= 1
     assert "tuning" in console.file.getvalue()
+    kernels = summary["kernels"]  # the profile: one row per task, best measured time first
+    timed = [k for k in kernels if k["best_ms"] is not None]
+    assert len(kernels) == summary["tasks"] and timed and all(k["best_ms"] > 0 for k in timed)
 
     assert main(["deploy", "--device", "local", "tinycnn", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok", result["error"]
     assert result["tuned"] is True and result["records"]
+    # Not every task got a trial (2 per task, 10 in all), but those that did are applied.
+    tuned, total = map(int, result["tuned_kernels"].split("/"))
+    assert 0 < tuned <= total and total >= summary["tasks"]
     assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
 
     # Resuming with a budget the records already cover runs nothing and keeps them.
@@ -72,17 +80,34 @@ def test_zero_valid_trials_is_an_error(local_inventory: Path,
         closed = probe.getsockname()[1]
     monkeypatch.setattr(hostkit.tune, "_rpc_address", lambda transport: ("127.0.0.1", closed))
     device = load_inventory(local_inventory).get("local")
-    # The contract: never a silent success. After some other tests in the same process,
-    # MetaSchedule itself fails on this path ("'NoneType' object has no attribute 'format'"),
-    # which edgekit also reports as a TuneError; alone, the run ends in "no valid candidate".
-    with pytest.raises(TuneError, match="no valid candidate|MetaSchedule failed") as info:
+    with pytest.raises(TuneError, match="no valid candidate") as info:
         # An input shape of its own: records another test wrote for tinycnn must not be resumed.
         hostkit.tune.tune_on_device(device, ModelSpec("tinycnn", input_shape=(1, 3, 24, 24)),
                                     trials=3, trials_per_task=1,
                                     time_budget_min=None, console=None)
-    assert info.value.stage == "tune"
-    if "no valid candidate" in str(info.value):
-        assert "failed to run" in str(info.value)
+    assert info.value.stage == "tune" and "failed to run" in str(info.value)
+
+
+def test_foreign_log_handlers_do_not_break_metaschedule(tmp_path: Path) -> None:
+    """pytest attaches an unnamed handler to every non-propagating logger, MetaSchedule's too;
+    MetaSchedule's logger set-up then failed ("'NoneType' object has no attribute 'format'")."""
+    import logging
+
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from hostkit.tune import _metaschedule_logging
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    stray = logging.NullHandler()
+    logger.addHandler(stray)
+    try:
+        with pytest.raises(AttributeError, match="format"):
+            get_loggers_from_work_dir(str(tmp_path), ["task"])
+        with _metaschedule_logging():
+            get_loggers_from_work_dir(str(tmp_path), ["task"])
+        assert stray in logger.handlers
+    finally:
+        logger.removeHandler(stray)
 
 
 def test_device_target_names_the_cpu() -> None:
