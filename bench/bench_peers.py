@@ -157,6 +157,8 @@ def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, 
         rows["tvm-tuned"].note = rows["tvm-tuned"].note or f"{records.count()} records"
         if not artifact.tuned:
             rows["tvm-tuned"].note += "; records did not apply"
+        else:
+            rows["tvm-tuned"].note += f"; {artifact.tuned_kernels} kernels tuned"
 
     timers["pytorch"] = _torch_timer(model, threads)
     rows["pytorch"].max_abs_diff = 0.0
@@ -203,7 +205,7 @@ def render(rows: list[Row], checks: list[dict[str, Any]], meta: dict[str, Any]) 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # a log file gets whole notes
     table = Table(title=f"batch 1 fp32 on {meta['device']} ({meta['cpu']}, {meta['threads']} "
                         "threads), one run, interleaved rounds")
     for col in ("model", "engine", "p50 ms", "mean ms", "n", "vs PyTorch", "max |diff|", "note"):
