@@ -1,7 +1,7 @@
 """TVM (untuned and tuned) against PyTorch eager and ONNX Runtime, side by side in one run.
 
     python bench/bench_peers.py                       # resnet18 and mobilenet_v2 on `local`
-    python bench/bench_peers.py --tune-budget 25      # tune first where no records exist
+    python bench/bench_peers.py --tune-budget 30      # tune first where no records exist
     python bench/bench_peers.py --json                # the same rows as JSON on stdout
 
 Every model is batch 1, fp32, with edgekit's seeded random weights and input. TVM runs on the
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--tune-budget", type=float, default=0.0, metavar="MINUTES",
                         help="tune models without records for up to this long each (0: never)")
-    parser.add_argument("--trials", type=int, default=4000, help="trial cap when tuning")
+    parser.add_argument("--trials", type=int, default=20000,
+                        help="trial cap when tuning (the budget usually ends it first)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-floor", action="store_true", help="exit 0 even if a target is missed")
     args = parser.parse_args(argv)
