@@ -22,9 +22,9 @@ LEGEND = ("status: ok = ran and matched PyTorch within atol; failed = see the er
           "latency: p50/p90 over n device-timed runs (ms). diff: max abs diff vs PyTorch. "
           "* = emulated board: timings are not board timings")
 
-CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated", "cached",
-              "max_abs_diff", "top1_match", "top5_match", "compile_s", "upload_s", "load_s",
-              "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
+CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
+              "cached", "max_abs_diff", "top1_match", "top5_match", "compile_s", "upload_s",
+              "load_s", "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
               "artifact_sha256"]
 
 

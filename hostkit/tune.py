@@ -56,7 +56,6 @@ class TuneStats:
 
     names: list[str]
     weights: list[float]
-    flops: list[float]
     started: float = field(default_factory=time.monotonic)
     trials: int = 0
     valid: int = 0
@@ -127,7 +126,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         remaining = trials - before
         if remaining <= 0:
             stats = TuneStats(names=[t.task_name for t in tasks],
-                              weights=[float(t.weight) for t in tasks], flops=[])
+                              weights=[float(t.weight) for t in tasks])
         else:
             records.save_target(target)
             runner = _runner(device, transport, info)
@@ -161,12 +160,11 @@ def kernel_profile(tasks: list[Any], work_dir: str) -> list[dict[str, Any]]:
     `count` is how often the kernel runs per inference, `best_ms` its best time on the device
     (None when no candidate of it was measured), `gflops` its arithmetic rate at that time.
     """
-    from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from hostkit.tuning import MODULE_EQUALITY
+    from hostkit.tuning import open_database
 
-    database = ms.database.JSONDatabase(work_dir=work_dir, module_equality=MODULE_EQUALITY)
+    database = open_database(work_dir)
     rows = []
     for task in tasks:
         mod = task.dispatched[0]
@@ -368,8 +366,7 @@ def _run_tuner(tasks: list[Any], target: "tvm.target.Target", work_dir: str, tri
                trials_per_task: int | None, time_budget_min: float | None,
                cross_cc: str | None, runner: Any, console: "Console | None", device: str,
                cores: int) -> TuneStats:
-    stats = TuneStats(names=[t.task_name for t in tasks], weights=[float(t.weight) for t in tasks],
-                      flops=[])
+    stats = TuneStats(names=[t.task_name for t in tasks], weights=[float(t.weight) for t in tasks])
     budget_s = time_budget_min * 60.0 if time_budget_min is not None else None
     even_share = max(TRIALS_PER_ITER, -(-trials // len(tasks)))
     # With a time budget the clock ends the tune: an even share per task would stop it early

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_FILE",
-           "PREPARATION", "MODULE_EQUALITY", "prepare_module", "device_target", "llvm_cpu_for"]
+           "PREPARATION", "MODULE_EQUALITY", "open_database", "prepare_module", "device_target",
+           "llvm_cpu_for"]
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 # The Relax preparation the records belong to; change it whenever `prepare_module` changes.
@@ -182,10 +183,8 @@ def apply_records(prepared: "tvm.IRModule", work_dir: Path) -> tuple["tvm.IRModu
     """Schedules from the records, then each weight's layout rewrite folded into a constant."""
     from tvm import transform
     from tvm.relax import transform as rt
-    from tvm.s_tir import meta_schedule as ms
 
-    database = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=MODULE_EQUALITY)
-    with database:  # the pass takes the current database (a work_dir would mean "structural")
+    with open_database(work_dir):  # the pass takes the current one (its work_dir: "structural")
         scheduled = rt.MetaScheduleApplyDatabase()(prepared)
     coverage = Coverage(tuned=len(_scheduled(scheduled)) - len(_scheduled(prepared)),
                         total=len(_kernels(prepared)) - len(_scheduled(prepared)))
@@ -194,6 +193,13 @@ def apply_records(prepared: "tvm.IRModule", work_dir: Path) -> tuple["tvm.IRModu
         rt.FoldConstant(),
         rt.DeadCodeElimination(),
     ])(scheduled), coverage
+
+
+def open_database(work_dir: Path | str) -> Any:
+    """The records as MetaSchedule's database, matching kernels the way tuning matched them."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=MODULE_EQUALITY)
 
 
 def _kernels(mod: "tvm.IRModule") -> list[Any]:
