@@ -105,7 +105,7 @@ def _ort_timer(model: Any, threads: int, workdir: Path,
 def _tvm_timer(session: Any, model: Any, resolved: Any, cross_cc: str | None, tuning: Any,
                device: Any, reference: np.ndarray) -> tuple[Callable[[int], list[float]], float,
                                                               Any]:
-    from hostkit.compiler import build_artifact
+    from hostkit.build.compiler import build_artifact
 
     artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
                               tuning=tuning, device=device.name)
@@ -122,9 +122,9 @@ def _tvm_timer(session: Any, model: Any, resolved: Any, cross_cc: str | None, tu
 
 def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, resolved: Any,
                 cross_cc: str | None, workdir: Path, log: Callable[[str], None]) -> list[Row]:
+    from hostkit.build.tuning.records import records_for
     from hostkit.models import ModelSpec, load_model
-    from hostkit.tune import tune_on_device
-    from hostkit.tuning import records_for
+    from hostkit.run.tune import tune_on_device
 
     spec = ModelSpec(name)
     model = load_model(spec)
@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-floor", action="store_true", help="exit 0 even if a target is missed")
     args = parser.parse_args(argv)
 
-    from hostkit.remote import DeviceSession, check_versions
-    from hostkit.targets import check_cross_compiler, resolve_target
+    from hostkit.build.targets import check_cross_compiler, resolve_target
+    from hostkit.run.remote import DeviceSession, check_versions
     from hostkit.transport import make_transport
 
     device = _local_device(args.device, args.inventory)

@@ -160,7 +160,7 @@ def _with_flags(device: Device, args: argparse.Namespace) -> Device:
 
 
 def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> list[Any]:
-    from hostkit.deploy import RunOptions, run_fleet
+    from hostkit.run.deploy import RunOptions, run_fleet
 
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, atol=args.atol,
                          use_tuning=not args.no_tuning)
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from hostkit.report import deploy_summary, to_json
+    from hostkit.report.render import deploy_summary, to_json
 
     device = _inventory(args).get(args.device)
     (result,) = _run(args, [device], [args.model])
@@ -192,7 +192,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hostkit.report import bench_table, to_json, write_csv
+    from hostkit.report.render import bench_table, to_json, write_csv
 
     inventory = _inventory(args)
     if args.all_devices:
@@ -214,8 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from hostkit.probe import probe_all
-    from hostkit.report import devices_table, to_json
+    from hostkit.fleet.probe import probe_all
+    from hostkit.report.render import devices_table, to_json
 
     inventory = _inventory(args)
     rows = probe_all(list(inventory.devices.values()))
@@ -235,8 +235,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from hostkit.report import to_json
-    from hostkit.tune import tune_on_device
+    from hostkit.report.render import to_json
+    from hostkit.run.tune import tune_on_device
 
     device = _inventory(args).get(args.device)
     (spec,) = _specs(args, [args.model])
@@ -268,7 +268,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_board(args: argparse.Namespace) -> int:
-    from hostkit import emulator
+    from hostkit.boards import emulator
 
     device = _inventory(args).get(args.device)
     if device.managed != "qemu-arm64":
@@ -297,7 +297,7 @@ def to_json_plain(data: Any) -> str:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    from hostkit.provision import install_device
+    from hostkit.fleet.provision import install_device
 
     device = _inventory(args).get(args.device)
     console = _progress_console()
@@ -311,7 +311,7 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from hostkit.doctor import diagnose
+    from hostkit.fleet.doctor import diagnose
 
     device = _inventory(args).get(args.device)
     checks = diagnose(device)

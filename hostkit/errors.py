@@ -26,6 +26,7 @@ __all__ = [
     "TransferError",
     "RemoteError",
     "TuneError",
+    "first_line",
 ]
 
 
@@ -76,3 +77,10 @@ class RemoteError(EdgekitError):
 
 class TuneError(EdgekitError):
     """Tuning found no valid candidate, or its records are unusable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of a foreign exception's text that names the error, shortened for one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]

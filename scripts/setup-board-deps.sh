@@ -1,5 +1,5 @@
 #!/bin/sh
-# Host packages for the emulated arm64 board (`edgekit board up`, tests/test_emulator.py) on
+# Host packages for the emulated arm64 board (`edgekit board up`, tests/boards/test_emulator.py) on
 # Debian or Ubuntu, and qemu-aarch64 registered with binfmt_misc. Run as root; safe to rerun.
 # edgekit registers qemu-aarch64 itself when it starts a board; this only saves it the step.
 set -eu

@@ -88,10 +88,10 @@ def write_inventory(tmp_path: Path) -> Any:
     return write
 
 
-# The emulated arm64 board (tests/test_emulator.py). Its image (about 1 GiB, minutes to build) is
+# The emulated arm64 board (tests/boards/test_emulator.py). Its image (about 1 GiB, minutes to build) is
 # kept in the user's cache, taken here before `edgekit_cache` points EDGEKIT_CACHE elsewhere.
 def _user_board_images() -> Path:
-    from hostkit.board_image import images_dir
+    from hostkit.boards.image import images_dir
 
     return images_dir()
 
@@ -102,8 +102,8 @@ USER_BOARD_IMAGES = _user_board_images()
 @pytest.fixture(scope="session")
 def emulated_board(edgekit_cache: Path) -> Iterator[Any]:
     """The emulated arm64 board's inventory Device; booted once per session, stopped at its end."""
-    from hostkit.board_image import IMAGES_ENV, host_problems
-    from hostkit.emulator import board_down, board_up
+    from hostkit.boards.emulator import board_down, board_up
+    from hostkit.boards.image import IMAGES_ENV, host_problems
     from hostkit.inventory import Device
 
     problems = host_problems()

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from hostkit.cli import main
-from hostkit.transport.base import port_open
+from hostkit.net import port_open
 
 pytestmark = [
     pytest.mark.integration,

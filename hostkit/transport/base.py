@@ -7,42 +7,24 @@ stops on close. Sockets, paramiko and subprocesses live behind this seam and now
 
 from __future__ import annotations
 
-import socket
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from hostkit.errors import ConnectError, TransferError
+from hostkit.errors import ConnectError, TransferError, first_line
 from hostkit.inventory import Device
+from hostkit.net import port_open, resolve
 
 if TYPE_CHECKING:
     from tvm.rpc import RPCSession
 
-__all__ = ["Transport", "Progress", "port_open", "connect_rpc", "resolve"]
+__all__ = ["Transport", "Progress", "connect_rpc"]
 
 Progress = Callable[[int, int], None]
 
 # Extra seconds a busy daemon gets to finish its current session before edgekit gives up.
 BUSY_GRACE_S = 20.0
-
-
-def port_open(host: str, port: int, timeout: float) -> bool:
-    """True when something accepts TCP connections at host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def resolve(device: Device, host: str) -> None:
-    """ConnectError unless the host name resolves: a typo should not read as a dead board."""
-    try:
-        socket.getaddrinfo(host, None)
-    except OSError as exc:
-        raise ConnectError(f"cannot resolve host {host}", device=device.name, stage="connect",
-                           hint="check the host in the inventory, or use an IP address") from exc
 
 
 def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -> "RPCSession":
@@ -74,15 +56,9 @@ def connect_rpc(device: Device, host: str, port: int, hint: str | None = None) -
                            "another edgekit run or tuner using this device?")
     if "error" in outcome:
         failure = outcome["error"]
-        raise ConnectError(f"RPC handshake with {host}:{port} failed: {_first_line(failure)}",
+        raise ConnectError(f"RPC handshake with {host}:{port} failed: {first_line(failure)}",
                            device=device.name, stage="connect", hint=hint) from failure
     return outcome["sess"]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line]
-    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
 
 
 class Transport(ABC):
@@ -120,7 +96,7 @@ class Transport(ABC):
             sess.upload(str(path), upload_name)
             sess.get_function("edgekit.artifact_commit")(upload_name, sha256)
         except Exception as exc:
-            raise TransferError(f"upload of {path.name} ({size} bytes) failed: {_first_line(exc)}",
+            raise TransferError(f"upload of {path.name} ({size} bytes) failed: {first_line(exc)}",
                                 device=self.device.name, stage="upload") from exc
         if progress:
             progress(size, size)

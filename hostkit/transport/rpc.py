@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hostkit.errors import ConnectError
+from hostkit.boards.launch import Launcher, launcher_for
+from hostkit.errors import ConnectError, first_line
 from hostkit.inventory import Device
-from hostkit.transport.base import Transport, _first_line, connect_rpc, port_open, resolve
-from hostkit.transport.launch import Launcher, launcher_for
+from hostkit.net import port_open, resolve
+from hostkit.transport.base import Transport, connect_rpc
 
 if TYPE_CHECKING:
     from tvm.rpc import RPCSession
@@ -76,7 +77,7 @@ class TrackerTransport(Transport):
                                    max_retry=3)
         except Exception as exc:
             raise ConnectError(f"tracker {host}:{port} gave no device for key "
-                               f"'{self.device.key}': {_first_line(exc)}", device=self.device.name,
+                               f"'{self.device.key}': {first_line(exc)}", device=self.device.name,
                                stage="connect",
                                hint="is a daemon registered with that key? see "
                                     "`python -m tvm.exec.query_rpc_tracker`") from exc

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hostkit.errors import ConnectError, TransferError
+from hostkit.errors import ConnectError, TransferError, first_line
 from hostkit.inventory import Device
-from hostkit.transport.base import Progress, Transport, _first_line, connect_rpc
+from hostkit.transport.base import Progress, Transport, connect_rpc
 from hostkit.transport.sshconn import SshConnection
 from hostkit.transport.tunnel import SshTunnel
 
@@ -245,7 +245,7 @@ class SshTransport(Transport):
             if not isinstance(exc, Exception):
                 raise
             raise TransferError(f"upload of {path.name} ({size} bytes) to {conn.target} broke: "
-                                f"{_first_line(exc)}", device=self.device.name, stage="upload",
+                                f"{first_line(exc)}", device=self.device.name, stage="upload",
                                 hint="the partial file was discarded; deploy again") from exc
         verify = conn.run(f"{shlex.quote(self.python)} -c {shlex.quote(_VERIFY)} "
                           f"{shlex.quote(part)} {shlex.quote(final)} {sha256}", timeout=300)

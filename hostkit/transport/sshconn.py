@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from hostkit.errors import ConnectError, RemoteError
+from hostkit.errors import ConnectError, RemoteError, first_line
 from hostkit.inventory import Device
-from hostkit.transport.base import _first_line
 
 if TYPE_CHECKING:
     import paramiko
@@ -141,9 +140,9 @@ class SshConnection:
             return error(f"ssh to {self.target} timed out after "
                          f"{self.device.connect_timeout:.0f}s", "is the board on and reachable?")
         if isinstance(exc, OSError):  # refused, unreachable (NoValidConnectionsError included)
-            return error(f"cannot reach ssh at {host}:{port}: {_first_line(exc)}",
+            return error(f"cannot reach ssh at {host}:{port}: {first_line(exc)}",
                          "is sshd running on the board, and is ssh.port right?")
-        return error(f"ssh to {self.target} failed: {_first_line(exc)}")
+        return error(f"ssh to {self.target} failed: {first_line(exc)}")
 
     @property
     def transport(self) -> "paramiko.Transport":
@@ -170,7 +169,7 @@ class SshConnection:
             code = stdout.channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectError(f"ssh to {self.target} broke while running `{_short(command)}`: "
-                               f"{_first_line(exc)}", device=self.device.name,
+                               f"{first_line(exc)}", device=self.device.name,
                                stage="ssh") from exc
         return RemoteResult(command, code, out, err)
 

@@ -1,0 +1,161 @@
+"""The TVM adapter for building: ExportedProgram -> Relax -> compiled library on disk, cached.
+
+An artifact's cache key covers the model's identity (architecture, weights, input shape), the
+target, TVM's version, the export format, the linker and the tuning records applied, so a second
+deploy of the same model to the same target reuses the library without compiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devicekit.store import file_sha256
+from hostkit.build.targets import ResolvedTarget
+from hostkit.defaults import cache_dir
+from hostkit.errors import CompileError
+from hostkit.models import LoadedModel
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
+
+# Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
+PIPELINE_VERSION = 3
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    sha256: str
+    cached: bool
+    compile_s: float
+    tuned: bool
+    records: str | None
+    fmt: str
+    tuned_kernels: str | None = None  # "covered/tunable" when records were applied
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def import_relax(model: LoadedModel) -> "tvm.IRModule":
+    """Import the model into Relax with weights bound as constants (they ship inside the .so)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    program = model.exported()
+    try:
+        return from_exported_program(program, keep_params_as_input=False)
+    except Exception as exc:
+        raise CompileError(_import_error(model.name, exc), stage="import") from exc
+
+
+def _import_error(name: str, exc: Exception) -> str:
+    text = str(exc)
+    if "Unsupported function type" in text or "not supported" in text.lower():
+        ops = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.splitlines()[0]
+        return (f"{name}: TVM's PyTorch importer does not support operator(s) {ops}; "
+                "rewrite that layer or report it to apache/tvm")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return f"{name}: import to Relax failed: {first[:300]}"
+
+
+def _cache_key(model: LoadedModel, target: ResolvedTarget, fmt: str, cc: str | None,
+               records: str | None) -> str:
+    import tvm
+
+    payload = {
+        "model": model.identity,
+        "target": target.to_json(),
+        "tvm": tvm.__version__,
+        "format": fmt,
+        "cc": cc,
+        "records": records,
+        "pipeline": PIPELINE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so",
+                   cross_compiler: str | None = None, tuning: Any = None,
+                   device: str | None = None) -> Artifact:
+    """The compiled library for (model, target): from the cache, or compiled and cached now.
+
+    `tuning` is a `hostkit.build.tuning.records.TuningRecords` or None; when it has records for this
+    workload they are applied and the artifact is marked tuned.
+    """
+    records_id = tuning.fingerprint() if tuning is not None and tuning.exists() else None
+    key = _cache_key(model, target, fmt, cross_compiler, records_id)
+    folder = cache_dir() / "artifacts" / key
+    lib = folder / f"model.{fmt}"
+    meta_path = folder / "meta.json"
+    if lib.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return Artifact(path=lib, sha256=meta["sha256"], cached=True, compile_s=0.0,
+                        tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
+                        tuned_kernels=meta.get("tuned_kernels"))
+
+    start = time.perf_counter()
+    mod = import_relax(model)
+    tuned, coverage = False, None
+    try:
+        if records_id is not None:
+            executable, coverage = tuning.compile(mod, target.target)
+            tuned = coverage.tuned > 0
+        else:
+            import tvm
+
+            executable = tvm.compile(mod, target.target)
+    except CompileError:
+        raise
+    except Exception as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise CompileError(f"compiling {model.name} for {target.describe()} failed: {first[:300]}",
+                           device=device, stage="compile") from exc
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=folder.parent))
+    try:
+        _export(executable, staging / lib.name, fmt, cross_compiler, device)
+        sha = file_sha256(staging / lib.name)
+        compile_s = time.perf_counter() - start
+        meta = {"sha256": sha, "model": model.name, "target": target.to_json(), "format": fmt,
+                "tuned": tuned, "records": records_id if tuned else None, "compile_s": compile_s,
+                "tuned_kernels": str(coverage) if coverage is not None else None}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if folder.exists():  # a concurrent build of the same key won; keep the existing one
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return Artifact(path=lib, sha256=meta["sha256"], cached=False, compile_s=compile_s,
+                    tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
+                    tuned_kernels=meta.get("tuned_kernels"))
+
+
+def _export(executable: Any, path: Path, fmt: str, cross_compiler: str | None,
+            device: str | None) -> None:
+    try:
+        if fmt == "tar":
+            executable.export_library(str(path))
+        elif cross_compiler:
+            from tvm.support import cc
+
+            executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler))
+        else:
+            executable.export_library(str(path))
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CompileError(f"linking the library failed: {' | '.join(lines[-3:])[:400]}",
+                           device=device, stage="export") from exc

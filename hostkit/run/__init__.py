@@ -1,0 +1,7 @@
+"""Run: the pipeline that puts a model on a device and measures it.
+
+`deploy` is deploy and bench for one device and the fleet fan-out over many (every pair ends as
+one result, never halfway); `remote` is one RPC session's view of a device's daemon (load, run,
+time on the device); `tune` connects the build's tuner to a device. This is the stage that uses
+every stage below it: models, build, transport.
+"""

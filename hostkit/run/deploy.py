@@ -1,0 +1,176 @@
+"""Deploy and bench: the pipeline for one model on one device, and the fleet run over many.
+
+Per device: connect (fail fast before compiling), read the device's info and check TVM versions,
+build the artifact (cached), send it unless the device holds it, load, run once on the fixed
+input, compare with PyTorch, benchmark on the device. A fleet run never stops halfway: every
+(device, model) pair ends as one RunResult, ok or failed with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP
+from hostkit.errors import EdgekitError, RemoteError
+from hostkit.inventory import Device
+from hostkit.models import LoadedModel, ModelSpec, load_model
+from hostkit.report.results import Latency, RunResult, compare_outputs
+
+if TYPE_CHECKING:
+    from hostkit.build.targets import ResolvedTarget
+    from hostkit.run.remote import DeviceSession
+
+__all__ = ["RunOptions", "run_fleet", "run_on_device", "Step"]
+
+log = logging.getLogger("edgekit")
+
+Step = Callable[[str, str, str], None]  # (device, model, what is happening now)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    repeat: int = DEFAULT_REPEAT
+    warmup: int = DEFAULT_WARMUP
+    atol: float = 1e-3
+    use_tuning: bool = True
+
+
+class _ModelCache:
+    """Loads each model once per run and serialises compiles (they already use every core)."""
+
+    def __init__(self) -> None:
+        self._models: dict[ModelSpec, LoadedModel] = {}
+        self._references: dict[ModelSpec, list] = {}
+        self.lock = threading.Lock()
+        self.compile_lock = threading.Lock()
+
+    def get(self, spec: ModelSpec) -> tuple[LoadedModel, list]:
+        with self.lock:
+            if spec not in self._models:
+                model = load_model(spec)
+                self._models[spec] = model
+                self._references[spec] = model.reference()
+            return self._models[spec], self._references[spec]
+
+
+def run_fleet(devices: Sequence[Device], specs: Sequence[ModelSpec], options: RunOptions,
+              step: Step | None = None) -> list[RunResult]:
+    """Every model on every device, devices in parallel; results in (device, model) order."""
+    models = _ModelCache()
+    workers = max(1, min(len(devices), 8))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgekit-dev") as pool:
+        futures = [pool.submit(run_on_device, d, specs, options, models, step) for d in devices]
+        results: list[RunResult] = []
+        for future in futures:
+            results.extend(future.result())
+    return results
+
+
+def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOptions,
+                  models: _ModelCache | None = None, step: Step | None = None) -> list[RunResult]:
+    from hostkit.build.targets import check_cross_compiler, resolve_target
+    from hostkit.run.remote import DeviceSession, check_versions
+    from hostkit.transport import make_transport
+
+    models = models or _ModelCache()
+    results = [RunResult(device=device.name, model=s.name, emulated=device.emulated) for s in specs]
+    note = step or (lambda *_: None)
+    try:
+        note(device.name, "*", "resolving target")
+        resolved = resolve_target(device)
+        for result in results:
+            result.target = resolved.describe()
+        cross_cc = check_cross_compiler(device, resolved)
+        note(device.name, "*", f"connecting to {device.address}")
+        with make_transport(device) as transport:
+            session = DeviceSession(transport, transport.session())
+            info = session.info()
+            check_versions(device.name, info)
+            for spec, result in zip(specs, results):
+                result.device_info = info
+                _run_one(session, device, spec, result, options, models, resolved, cross_cc, note)
+            session.close()
+    except EdgekitError as exc:
+        for result in results:
+            if result.status != "ok" and result.error is None:
+                _fail(result, exc)
+    except Exception as exc:  # a bug or an unmapped failure: still one row, never a crash
+        log.exception("unexpected error on %s", device.name)
+        for result in results:
+            if result.status != "ok" and result.error is None:
+                result.error, result.stage = f"unexpected error: {exc}", "internal"
+    return results
+
+
+def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int], None]:
+    """Report an upload in tenths: transports call back for every chunk they send."""
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = (10 * done) // total if total else 10
+        if tenth != shown[0]:
+            shown[0] = tenth
+            note(device, model, f"uploading {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+
+    return progress
+
+
+def _fail(result: RunResult, exc: EdgekitError) -> None:
+    result.status = "failed"
+    result.error = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    result.stage = exc.stage
+
+
+def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: RunResult,
+             options: RunOptions, models: _ModelCache, resolved: "ResolvedTarget",
+             cross_cc: str | None,
+             note: Callable[[str, str, str], None]) -> None:
+    from hostkit.build.compiler import build_artifact
+    from hostkit.build.tuning.records import records_for
+
+    try:
+        note(device.name, spec.name, "loading model")
+        model, reference = models.get(spec)
+        result.model = model.name
+        tuning = records_for(model, resolved) if options.use_tuning else None
+        note(device.name, spec.name, "compiling (cached when unchanged)")
+        with models.compile_lock:
+            artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
+                                      tuning=tuning, device=device.name)
+        result.artifact_sha256, result.artifact_bytes = artifact.sha256, artifact.size
+        result.artifact_path = str(artifact.path)
+        result.cached, result.compile_s = artifact.cached, artifact.compile_s
+        result.tuned, result.records = artifact.tuned, artifact.records
+        result.tuned_kernels = artifact.tuned_kernels
+
+        note(device.name, spec.name, f"uploading {artifact.size / 1e6:.1f} MB")
+        sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256,
+                                                 _upload_progress(device.name, spec.name, note))
+        result.uploaded, result.upload_s = sent, upload_s
+
+        note(device.name, spec.name, "loading on device")
+        start = time.perf_counter()
+        loaded = session.load(artifact.sha256)
+        result.load_s = time.perf_counter() - start
+
+        note(device.name, spec.name, "first inference")
+        outputs, first_ms = loaded.run(model.inputs)
+        result.first_inference_ms = first_ms
+        accuracy = compare_outputs(outputs, reference)
+        result.max_abs_diff = accuracy.max_abs_diff
+        result.top1_match, result.top5_match = accuracy.top1_match, accuracy.top5_match
+
+        note(device.name, spec.name, f"benchmarking ({options.repeat} runs)")
+        result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
+        if not accuracy.max_abs_diff <= options.atol:
+            raise RemoteError(f"outputs differ from PyTorch: max abs diff "
+                              f"{accuracy.max_abs_diff:.3g} > atol {options.atol:g}",
+                              device=device.name, stage="check")
+        result.status = "ok"
+    except EdgekitError as exc:
+        _fail(result, exc)

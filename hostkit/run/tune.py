@@ -1,0 +1,82 @@
+"""The tuning pipeline: reach the device, prepare the model for its exact CPU, search, keep records.
+
+The search itself (MetaSchedule, its runner and builder) lives in `hostkit.build.tuning.search`;
+this module is the stage that connects it to a device, as `deploy` connects the build to one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from hostkit.build.compiler import import_relax
+from hostkit.build.targets import check_cross_compiler, resolve_target
+from hostkit.build.tuning.records import device_target, prepare_module, records_for
+from hostkit.build.tuning.search import (
+    TuneStats,
+    describe_target,
+    extract_tasks,
+    kernel_profile,
+    make_runner,
+    run_tuner,
+)
+from hostkit.errors import TuneError
+from hostkit.inventory import Device
+from hostkit.models import ModelSpec, load_model
+from hostkit.run.remote import DeviceSession, check_versions
+from hostkit.transport import make_transport
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["tune_on_device"]
+
+
+def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_task: int | None,
+                   time_budget_min: float | None, console: "Console | None" = None) -> dict[str, Any]:
+    """Tune `spec` on `device` and store the records deploy and bench apply; returns a summary."""
+    if trials < 1:
+        raise TuneError("--trials must be at least 1", device=device.name, stage="tune")
+    resolved = resolve_target(device)
+    cross_cc = check_cross_compiler(device, resolved)
+    model = load_model(spec)
+    records = records_for(model, resolved)
+    before = records.count()
+    with make_transport(device) as transport:
+        session = DeviceSession(transport, transport.session())
+        info = session.info()
+        check_versions(device.name, info)
+        session.close()
+        target = records.tuned_target(device_target(resolved, info)) if records.exists() \
+            else device_target(resolved, info)
+        prepared = prepare_module(import_relax(model), target)
+        tasks = extract_tasks(prepared, target, device.name)
+        remaining = trials - before
+        if remaining <= 0:
+            stats = TuneStats(names=[t.task_name for t in tasks],
+                              weights=[float(t.weight) for t in tasks])
+        else:
+            records.save_target(target)
+            runner = make_runner(device, transport, info)
+            stats = run_tuner(tasks, target, str(records.work_dir), remaining, trials_per_task,
+                               time_budget_min, cross_cc, runner, console, device.name,
+                               int(info.get("cores") or os.cpu_count() or 1))
+    valid_total = records.count()
+    if valid_total == 0 or (remaining > 0 and stats.valid == 0):
+        reason = f": {stats.first_error}" if remaining > 0 and stats.first_error else ""
+        raise TuneError(f"tuning {model.name} measured no valid candidate in {stats.trials} "
+                        f"trials ({stats.build_errors} failed to build, {stats.run_errors} failed "
+                        f"to run){reason}", device=device.name, stage="tune",
+                        hint="nothing was applied; run with -v for MetaSchedule's logs")
+    kernels = kernel_profile(tasks, str(records.work_dir))
+    untimed = [k for k in kernels if k["best_ms"] is None]
+    estimate = None if untimed else sum(k["count"] * k["best_ms"] for k in kernels)
+    return {
+        "model": model.name, "device": device.name, "target": describe_target(target),
+        "tasks": len(tasks), "trials": stats.trials, "valid_trials": stats.valid,
+        "build_errors": stats.build_errors, "run_errors": stats.run_errors,
+        "records_before": before, "records": valid_total,
+        "estimated_ms": round(estimate, 3) if estimate is not None else None,
+        "tune_s": round(stats.elapsed(), 1), "records_dir": str(records.work_dir),
+        "kernels": kernels,
+    }
