@@ -8,8 +8,11 @@ Every model is batch 1, fp32, with edgekit's seeded random weights and input. TV
 device (the local daemon by default) and is timed there with `time_evaluator`; PyTorch and ONNX
 Runtime run in this process with the same thread count. The engines are timed in interleaved
 rounds, so a neighbour's load on a shared machine falls on all of them alike: the ratios are what
-count, the absolute figures move with the machine. Outputs are checked against PyTorch before any
-timing is trusted. The run fails (exit 1) when a target below is missed, unless --no-floor.
+count, the absolute figures move with the machine. Every engine's outputs go through deploy's
+check against PyTorch (`hostkit.run.check`: relative error within rtol); a row that fails it gets
+no ratio and fails the run. Tuning, when asked for, happens before the timing session opens, so a
+30-minute tune never outlives the session. The run fails (exit 1) when a check fails or a target
+below is missed (targets only with --no-floor off).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class Row:
     p50_ms: float | None = None
     mean_ms: float | None = None
     n: int = 0
-    max_abs_diff: float | None = None
+    rel_err: float | None = None
+    check_failed: str | None = None
     note: str = ""
     samples: list[float] = field(default_factory=list, repr=False)
 
@@ -74,8 +78,18 @@ def _torch_timer(model: Any, threads: int) -> Callable[[int], list[float]]:
     return run
 
 
+def _check(row: Row, outputs: list[np.ndarray], reference: list[np.ndarray]) -> None:
+    """The same check deploy makes: relative error against PyTorch within rtol."""
+    from hostkit.run.check import compare_outputs
+
+    check = compare_outputs(outputs, reference)
+    row.rel_err = check.rel_err
+    if not check.passed():
+        row.check_failed = check.reason()
+
+
 def _ort_timer(model: Any, threads: int, workdir: Path,
-               reference: np.ndarray) -> tuple[Callable[[int], list[float]], float]:
+               row: Row, reference: list[np.ndarray]) -> Callable[[int], list[float]]:
     import onnxruntime as ort
     import torch
 
@@ -89,7 +103,7 @@ def _ort_timer(model: Any, threads: int, workdir: Path,
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"x": model.inputs[0]}
-    diff = float(np.abs(session.run(None, feed)[0] - reference).max())
+    _check(row, list(session.run(None, feed)), reference)
 
     def run(n: int) -> list[float]:
         out = []
@@ -99,12 +113,12 @@ def _ort_timer(model: Any, threads: int, workdir: Path,
             out.append((time.perf_counter() - start) * 1e3)
         return out
 
-    return run, diff
+    return run
 
 
 def _tvm_timer(session: Any, model: Any, resolved: Any, cross_cc: str | None, tuning: Any,
-               device: Any, reference: np.ndarray) -> tuple[Callable[[int], list[float]], float,
-                                                              Any]:
+               device: Any, row: Row,
+               reference: list[np.ndarray]) -> tuple[Callable[[int], list[float]], Any]:
     from hostkit.build.compiler import build_artifact
 
     artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
@@ -112,48 +126,60 @@ def _tvm_timer(session: Any, model: Any, resolved: Any, cross_cc: str | None, tu
     session.ensure_artifact(artifact.path, artifact.sha256)
     loaded = session.load(artifact.sha256)
     outputs, _ = loaded.run(model.inputs)
-    diff = float(np.abs(outputs[0] - reference).max())
+    _check(row, outputs, reference)
 
     def run(n: int) -> list[float]:
         return loaded.benchmark(n, 0)
 
-    return run, diff, artifact
+    return run, artifact
 
 
-def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, resolved: Any,
-                cross_cc: str | None, workdir: Path, log: Callable[[str], None]) -> list[Row]:
+def tune_missing(name: str, args: argparse.Namespace, device: Any, resolved: Any,
+                 log: Callable[[str], None]) -> str | None:
+    """Tune `name` when it has no records and a budget was given; a note for its tuned row.
+
+    Runs before the timing session opens: a session held open across a long tune expired at its
+    limit and ended the bench with a traceback.
+    """
     from hostkit.build.tuning.records import records_for
     from hostkit.models import ModelSpec, load_model
     from hostkit.run.tune import tune_on_device
 
     spec = ModelSpec(name)
-    model = load_model(spec)
-    reference = model.reference()[0]
+    if args.tune_budget <= 0 or records_for(load_model(spec), resolved).exists():
+        return None
+    log(f"{name}: no records, tuning for up to {args.tune_budget:g} min")
+    from rich.console import Console
+
+    summary = tune_on_device(device, spec, trials=args.trials, trials_per_task=None,
+                             time_budget_min=args.tune_budget, console=Console(stderr=True))
+    return f"tuned now: {summary['valid_trials']} trials in {summary['tune_s'] / 60:.1f} min"
+
+
+def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, resolved: Any,
+                cross_cc: str | None, workdir: Path, log: Callable[[str], None],
+                tuned_note: str | None) -> list[Row]:
+    from hostkit.build.tuning.records import records_for
+    from hostkit.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec(name))
+    reference = model.reference()
     threads = args.threads or int(session.info().get("cores") or os.cpu_count() or 1)
     rows = {e: Row(model=name, engine=e) for e in ENGINES}
     timers: dict[str, Callable[[int], list[float]]] = {}
 
     log(f"{name}: building untuned")
-    timers["tvm-untuned"], rows["tvm-untuned"].max_abs_diff, _ = _tvm_timer(
-        session, model, resolved, cross_cc, None, device, reference)
+    timers["tvm-untuned"], _ = _tvm_timer(session, model, resolved, cross_cc, None, device,
+                                          rows["tvm-untuned"], reference)
 
     records = records_for(model, resolved)
+    rows["tvm-tuned"].note = tuned_note or ""
     if not records.exists():
-        if args.tune_budget <= 0:
-            rows["tvm-tuned"].note = "no records (pass --tune-budget to tune)"
-        else:
-            log(f"{name}: no records, tuning for up to {args.tune_budget:g} min")
-            from rich.console import Console
-
-            summary = tune_on_device(device, spec, trials=args.trials, trials_per_task=None,
-                                     time_budget_min=args.tune_budget,
-                                     console=Console(stderr=True))
-            rows["tvm-tuned"].note = (f"tuned now: {summary['valid_trials']} trials in "
-                                      f"{summary['tune_s'] / 60:.1f} min")
-    if records.exists():
+        rows["tvm-tuned"].note = "no records (pass --tune-budget to tune)"
+    else:
         log(f"{name}: building tuned ({records.count()} records)")
-        timers["tvm-tuned"], rows["tvm-tuned"].max_abs_diff, artifact = _tvm_timer(
-            session, model, resolved, cross_cc, records, device, reference)
+        timers["tvm-tuned"], artifact = _tvm_timer(session, model, resolved, cross_cc, records,
+                                                   device, rows["tvm-tuned"], reference)
         rows["tvm-tuned"].note = rows["tvm-tuned"].note or f"{records.count()} records"
         if not artifact.tuned:
             rows["tvm-tuned"].note += "; records did not apply"
@@ -161,11 +187,11 @@ def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, 
             rows["tvm-tuned"].note += f"; {artifact.tuned_kernels} kernels tuned"
 
     timers["pytorch"] = _torch_timer(model, threads)
-    rows["pytorch"].max_abs_diff = 0.0
+    rows["pytorch"].rel_err = 0.0
     rows["pytorch"].note = f"{threads} threads"
     try:
-        timers["onnxruntime"], rows["onnxruntime"].max_abs_diff = _ort_timer(
-            model, threads, workdir, reference)
+        timers["onnxruntime"] = _ort_timer(model, threads, workdir, rows["onnxruntime"],
+                                           reference)
         rows["onnxruntime"].note = f"{threads} threads"
     except Exception as exc:  # no exporter or ORT build: the row says why, the others still run
         rows["onnxruntime"].note = f"unavailable: {str(exc).splitlines()[0][:120]}"
@@ -194,6 +220,8 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             other = by.get((model, peer))
             if tuned is None or other is None or not tuned.p50_ms or not other.p50_ms:
                 continue
+            if tuned.check_failed or other.check_failed:
+                continue  # a ratio to an engine that computed something else means nothing
             ratio = tuned.p50_ms / other.p50_ms
             target = TARGETS.get(model, {}).get(peer)
             out.append({"model": model, "peer": peer, "ratio": round(ratio, 3), "target": target,
@@ -208,7 +236,7 @@ def render(rows: list[Row], checks: list[dict[str, Any]], meta: dict[str, Any]) 
     console = Console(width=None if sys.stdout.isatty() else 140)  # a log file gets whole notes
     table = Table(title=f"batch 1 fp32 on {meta['device']} ({meta['cpu']}, {meta['threads']} "
                         "threads), one run, interleaved rounds")
-    for col in ("model", "engine", "p50 ms", "mean ms", "n", "vs PyTorch", "max |diff|", "note"):
+    for col in ("model", "engine", "p50 ms", "mean ms", "n", "vs PyTorch", "rel err", "note"):
         table.add_column(col, justify="right" if col.endswith(("ms", "n", "PyTorch")) else "left")
     torch_p50 = {r.model: r.p50_ms for r in rows if r.engine == "pytorch"}
     for r in rows:
@@ -216,14 +244,16 @@ def render(rows: list[Row], checks: list[dict[str, Any]], meta: dict[str, Any]) 
         rel = f"{r.p50_ms / base:.2f}x" if r.p50_ms and base else "-"
         table.add_row(r.model, r.engine, f"{r.p50_ms:.2f}" if r.p50_ms else "-",
                       f"{r.mean_ms:.2f}" if r.mean_ms else "-", str(r.n), rel,
-                      f"{r.max_abs_diff:.1e}" if r.max_abs_diff is not None else "-", r.note)
+                      f"{r.rel_err:.1e}" if r.rel_err is not None else "-",
+                      f"[red]check failed: {r.check_failed}[/red]" if r.check_failed else r.note)
     console.print(table)
     for c in checks:
         mark = "-" if c["met"] is None else ("[green]met[/green]" if c["met"] else "[red]missed[/red]")
         target = f"target <= {c['target']}" if c["target"] is not None else "no target"
         console.print(f"{c['model']}: tuned TVM / {c['peer']} = {c['ratio']:.2f} ({target}) {mark}")
     console.print("legend: p50/mean of per-inference latencies; vs PyTorch = p50 over PyTorch's "
-                  "p50 (lower is faster); max |diff| = largest output difference from PyTorch")
+                  "p50 (lower is faster); rel err = max abs diff from PyTorch over PyTorch's "
+                  "largest output magnitude (deploy's check)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
+    notes = {name: tune_missing(name, args, device, resolved, log) for name in args.models}
     rows: list[Row] = []
     with make_transport(device) as transport, tempfile.TemporaryDirectory() as tmp:
         session = DeviceSession(transport, transport.session())
@@ -261,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         check_versions(device.name, info)
         for name in args.models:
             rows.extend(bench_model(name, args, device, session, resolved, cross_cc, Path(tmp),
-                                    log))
+                                    log, notes[name]))
         session.close()
     checks = ratios(rows)
     meta = {"device": device.name, "cpu": info.get("cpu"),
@@ -271,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"meta": meta, "rows": records, "ratios": checks}, indent=2))
     else:
         render(rows, checks, meta)
+    failed = [r for r in rows if r.check_failed]
+    for r in failed:
+        print(f"bench: {r.model} on {r.engine}: {r.check_failed}", file=sys.stderr)
     missed = [c for c in checks if c["met"] is False]
-    return 1 if missed and not args.no_floor else 0
+    return 1 if failed or (missed and not args.no_floor) else 0
 
 
 if __name__ == "__main__":

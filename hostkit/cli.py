@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hostkit import __version__
-from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE, cache_dir
+from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE, cache_dir
 from hostkit.errors import EdgekitError, InventoryError
 from hostkit.inventory import Device, Inventory, load_inventory, parse_inventory
 
@@ -43,6 +43,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -74,8 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="input shape, e.g. 1,3,224,224")
     run.add_argument("--format", choices=["so", "tar"], default=None,
                      help="artifact format: so (linked here) or tar (linked on the board)")
-    run.add_argument("--atol", type=float, default=1e-3,
-                     help="largest abs diff vs PyTorch that still counts as ok (default 1e-3)")
+    run.add_argument("--rtol", type=_positive_float, default=CHECK_RTOL,
+                     help="largest relative error vs PyTorch (max abs diff over PyTorch's largest "
+                          f"output magnitude) that still counts as ok (default {CHECK_RTOL:g})")
+    run.add_argument("--perturb", action="store_true",
+                     help="self-test of the check: deploy a copy with one weight changed; the "
+                          "check against PyTorch must then report failed")
     run.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
 
     parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
@@ -162,8 +176,8 @@ def _with_flags(device: Device, args: argparse.Namespace) -> Device:
 def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> list[Any]:
     from hostkit.run.deploy import RunOptions, run_fleet
 
-    options = RunOptions(repeat=args.repeat, warmup=args.warmup, atol=args.atol,
-                         use_tuning=not args.no_tuning)
+    options = RunOptions(repeat=args.repeat, warmup=args.warmup, rtol=args.rtol,
+                         use_tuning=not args.no_tuning, perturb=args.perturb)
     specs = _specs(args, models)
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:

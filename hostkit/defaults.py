@@ -13,6 +13,7 @@ __all__ = [
     "SESSION_TIMEOUT_S",
     "DEFAULT_REPEAT",
     "DEFAULT_WARMUP",
+    "CHECK_RTOL",
     "INVENTORY_FILE",
     "cache_dir",
 ]
@@ -24,6 +25,8 @@ PROBE_TIMEOUT_S = 2.0
 SESSION_TIMEOUT_S = 600.0
 DEFAULT_REPEAT = 10
 DEFAULT_WARMUP = 1
+# The largest relative error vs PyTorch that counts as a match (see hostkit.run.check).
+CHECK_RTOL = 1e-4
 INVENTORY_FILE = "inventory.yaml"
 
 

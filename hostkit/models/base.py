@@ -58,6 +58,22 @@ class LoadedModel:
                                  f"{str(exc).splitlines()[0][:300]}", stage="export") from exc
         return self.program
 
+    def perturbed(self) -> "LoadedModel":
+        """A copy with one weight changed: deployed against this model's reference, the check
+        must fail. It proves on a real device that the check can fail (`deploy --perturb`)."""
+        import copy
+
+        import torch
+
+        module = copy.deepcopy(self._module) if self._module is not None else self.program.module()
+        name, weight = next((n, p) for n, p in module.named_parameters()
+                            if p.is_floating_point() and p.ndim >= 2)
+        with torch.no_grad():
+            flat = weight.view(-1)
+            flat[0] += 1.0 + float(weight.abs().max())
+        return LoadedModel(name=self.name, program=None, inputs=self.inputs,
+                           identity=f"{self.identity}|perturbed:{name}[0]", _module=module)
+
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """A deterministic input, the same on every run, so outputs can be compared across runs."""

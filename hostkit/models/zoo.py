@@ -1,7 +1,7 @@
 """Models by name: torchvision's classifiers and edgekit's own small ones.
 
-No model hub is reachable, so torchvision models get seeded random weights unless `--weights`
-gives a state dict.
+No model hub is reachable, so torchvision models get seeded random weights, initialised from data
+so their outputs carry signal (`hostkit.models.init`), unless `--weights` gives a state dict.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input
+from hostkit.models.init import INIT_METHOD, live_init
 
 if TYPE_CHECKING:
     import torch
@@ -59,12 +60,16 @@ def load_named(spec: ModelSpec) -> LoadedModel:
     else:
         module = torchvision.models.get_model(spec.name, weights=None)
         default_shape = DEFAULT_SHAPES.get(spec.name, DEFAULT_SHAPE)
+    shape = spec.input_shape or default_shape
     if spec.weights is not None:
         _load_weights(module, spec.weights, spec.name)
+        origin = f"weights={spec.weights.name}"
+    else:
+        live_init(module, shape, spec.seed)
+        origin = f"seed={spec.seed}|init={INIT_METHOD}"
     module.eval()
-    shape = spec.input_shape or default_shape
     inputs = [make_input(shape, spec.seed)]
-    identity = _hash_module(spec.name, module, shape)
+    identity = _hash_module(f"{spec.name}|{origin}", module, shape)
     return LoadedModel(name=spec.name, program=None, inputs=inputs, identity=identity,
                        _module=module)
 

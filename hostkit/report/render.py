@@ -18,12 +18,13 @@ from hostkit.report.results import RunResult
 __all__ = ["deploy_summary", "bench_table", "devices_table", "to_json", "write_csv", "LEGEND",
            "CSV_FIELDS"]
 
-LEGEND = ("status: ok = ran and matched PyTorch within atol; failed = see the error column. "
-          "latency: p50/p90 over n device-timed runs (ms). diff: max abs diff vs PyTorch. "
-          "* = emulated board: timings are not board timings")
+LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
+          "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
+          "PyTorch's largest output magnitude. * = emulated board: timings are not board timings")
 
 CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
-              "cached", "max_abs_diff", "top1_match", "top5_match", "compile_s", "upload_s",
+              "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
+              "top5_match", "compile_s", "upload_s",
               "load_s", "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
               "artifact_sha256"]
 
@@ -67,8 +68,14 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         ("first inference", f"{_ms(result.first_inference_ms)} ms"),
     ]
     if result.max_abs_diff is not None:
-        rows.append(("vs PyTorch", f"max abs diff {_diff(result.max_abs_diff)}, top-1 "
-                                   f"{_yes(result.top1_match)}, top-5 {_yes(result.top5_match)}"))
+        cosine = "-" if result.cosine is None else f"{result.cosine:.6f}"
+        perturbed = " [yellow](self-test: one weight changed on the device)[/yellow]" \
+            if result.perturbed else ""
+        rows.append(("vs PyTorch", f"relative error {_diff(result.rel_err)} (max abs diff "
+                                   f"{_diff(result.max_abs_diff)}, PyTorch's outputs up to "
+                                   f"{_diff(result.ref_max)}), cosine {cosine}, top-1 "
+                                   f"{_yes(result.top1_match)}, top-5 {_yes(result.top5_match)}"
+                                   f"{perturbed}"))
     lat = result.latency_ms
     if lat is not None:
         mark = " [yellow](emulated board: not board timings)[/yellow]" if result.emulated else ""
@@ -88,7 +95,7 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
     for name, justify in [("device", "left"), ("model", "left"), ("status", "left"),
                           ("p50 ms", "right"), ("p90 ms", "right"), ("mean ± std", "right"),
                           ("n", "right"), ("first ms", "right"), ("load", "right"),
-                          ("diff", "right"), ("tuned", "left"), ("target / error", "left")]:
+                          ("rel err", "right"), ("tuned", "left"), ("target / error", "left")]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in results:
         lat = r.latency_ms
@@ -98,7 +105,7 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                       _ms(lat.p90 if lat else None),
                       f"{_ms(lat.mean)} ± {_ms(lat.std)}" if lat else "-",
                       str(lat.n) if lat else "-", _ms(r.first_inference_ms), _sec(r.load_s),
-                      _diff(r.max_abs_diff), "yes" if r.tuned else "no", tail)
+                      _diff(r.rel_err), "yes" if r.tuned else "no", tail)
     console.print(table)
     failed = sum(1 for r in results if not r.ok)
     console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Latency", "Accuracy", "RunResult", "compare_outputs"]
+__all__ = ["Latency", "RunResult"]
 
 
 @dataclass(frozen=True)
@@ -26,32 +26,6 @@ class Latency:
             return cls(math.nan, math.nan, math.nan, math.nan, 0)
         return cls(p50=float(np.percentile(arr, 50)), p90=float(np.percentile(arr, 90)),
                    mean=float(arr.mean()), std=float(arr.std()), n=int(arr.size))
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    max_abs_diff: float
-    top1_match: bool | None
-    top5_match: bool | None
-
-
-def compare_outputs(got: list[np.ndarray], want: list[np.ndarray]) -> Accuracy:
-    """Max abs diff over all outputs; top-1/top-5 agreement of the first output if it is a logit."""
-    if len(got) != len(want):
-        return Accuracy(math.inf, False, False)
-    diff = 0.0
-    for g, w in zip(got, want):
-        if g.shape != w.shape:
-            return Accuracy(math.inf, False, False)
-        diff = max(diff, float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))))
-    first_got, first_want = got[0].reshape(got[0].shape[0], -1), want[0].reshape(want[0].shape[0], -1)
-    if first_got.shape[-1] < 2:
-        return Accuracy(diff, None, None)
-    top1 = bool(np.array_equal(first_got.argmax(-1), first_want.argmax(-1)))
-    k = min(5, first_got.shape[-1])
-    top5_got = np.sort(np.argsort(-first_got, axis=-1)[:, :k], axis=-1)
-    top5_want = np.sort(np.argsort(-first_want, axis=-1)[:, :k], axis=-1)
-    return Accuracy(diff, top1, bool(np.array_equal(top5_got, top5_want)))
 
 
 @dataclass
@@ -73,7 +47,11 @@ class RunResult:
     records: str | None = None
     tuned_kernels: str | None = None  # kernels the records scheduled / kernels that could be tuned
     emulated: bool = False
+    perturbed: bool = False  # a self-test of the check: one weight changed in the deployed copy
     max_abs_diff: float | None = None
+    rel_err: float | None = None  # max_abs_diff over ref_max; what `status` is judged on
+    ref_max: float | None = None  # the largest |value| in PyTorch's outputs
+    cosine: float | None = None
     top1_match: bool | None = None
     top5_match: bool | None = None
     compile_s: float | None = None

@@ -19,7 +19,8 @@ from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP
 from hostkit.errors import EdgekitError, RemoteError
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model
-from hostkit.report.results import Latency, RunResult, compare_outputs
+from hostkit.report.results import Latency, RunResult
+from hostkit.run.check import RTOL, compare_outputs
 
 if TYPE_CHECKING:
     from hostkit.build.targets import ResolvedTarget
@@ -36,8 +37,10 @@ Step = Callable[[str, str, str], None]  # (device, model, what is happening now)
 class RunOptions:
     repeat: int = DEFAULT_REPEAT
     warmup: int = DEFAULT_WARMUP
-    atol: float = 1e-3
+    rtol: float = RTOL
     use_tuning: bool = True
+    # Deploy a copy with one weight changed, against the unchanged reference: the check must fail.
+    perturb: bool = False
 
 
 class _ModelCache:
@@ -137,6 +140,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "loading model")
         model, reference = models.get(spec)
         result.model = model.name
+        if options.perturb:
+            model, result.perturbed = model.perturbed(), True
         tuning = records_for(model, resolved) if options.use_tuning else None
         note(device.name, spec.name, "compiling (cached when unchanged)")
         with models.compile_lock:
@@ -161,16 +166,15 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "first inference")
         outputs, first_ms = loaded.run(model.inputs)
         result.first_inference_ms = first_ms
-        accuracy = compare_outputs(outputs, reference)
-        result.max_abs_diff = accuracy.max_abs_diff
-        result.top1_match, result.top5_match = accuracy.top1_match, accuracy.top5_match
+        check = compare_outputs(outputs, reference)
+        result.max_abs_diff, result.rel_err = check.max_abs_diff, check.rel_err
+        result.ref_max, result.cosine = check.ref_max, check.cosine
+        result.top1_match, result.top5_match = check.top1_match, check.top5_match
 
         note(device.name, spec.name, f"benchmarking ({options.repeat} runs)")
         result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
-        if not accuracy.max_abs_diff <= options.atol:
-            raise RemoteError(f"outputs differ from PyTorch: max abs diff "
-                              f"{accuracy.max_abs_diff:.3g} > atol {options.atol:g}",
-                              device=device.name, stage="check")
+        if not check.passed(options.rtol):
+            raise RemoteError(check.reason(options.rtol), device=device.name, stage="check")
         result.status = "ok"
     except EdgekitError as exc:
         _fail(result, exc)

@@ -1,0 +1,91 @@
+"""The check against PyTorch: does what the device computed match the host's reference?
+
+A deploy passes when the relative error, the largest absolute difference over the largest
+magnitude in PyTorch's outputs, is at most `RTOL` (`--rtol`). Relative, because an absolute
+tolerance passes any device on a model whose outputs are near zero: MobileNetV2 with dead seeded
+weights once "matched" at 2.9e-15 whatever ran. fp32 builds land near 1e-6 (float rounding in
+another summation order), so 1e-4 leaves room for tuned kernels and still fails a device that
+computes something else. Beside it the check reports the absolute difference, the reference's
+magnitude (so a reader sees what was compared), the cosine similarity, and top-1/top-5 agreement
+when the first output is a row of logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hostkit.defaults import CHECK_RTOL
+
+__all__ = ["RTOL", "Check", "compare_outputs"]
+
+RTOL = CHECK_RTOL
+
+
+@dataclass(frozen=True)
+class Check:
+    max_abs_diff: float
+    ref_max: float  # the largest |value| in PyTorch's outputs
+    rel_err: float  # max_abs_diff / ref_max
+    cosine: float | None
+    top1_match: bool | None
+    top5_match: bool | None
+    problem: str | None = None  # why the outputs cannot be compared value by value
+
+    def passed(self, rtol: float = RTOL) -> bool:
+        return self.problem is None and self.rel_err <= rtol
+
+    def reason(self, rtol: float = RTOL) -> str:
+        """One line saying why the check failed."""
+        if self.problem is not None:
+            return self.problem
+        return (f"outputs differ from PyTorch: relative error {self.rel_err:.3g} > rtol "
+                f"{rtol:g} (max abs diff {self.max_abs_diff:.3g}, PyTorch's outputs up to "
+                f"{self.ref_max:.3g})")
+
+
+def compare_outputs(got: list[np.ndarray], want: list[np.ndarray]) -> Check:
+    """Compare every output; a different count or shape is a problem named in words."""
+    if len(got) != len(want):
+        return _unmatched(f"the device returned {len(got)} outputs, PyTorch {len(want)}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return _unmatched(f"output {i} has shape {_dims(g.shape)} on the device, "
+                              f"{_dims(w.shape)} in PyTorch")
+    flat_got = np.concatenate([g.astype(np.float64).ravel() for g in got])
+    flat_want = np.concatenate([w.astype(np.float64).ravel() for w in want])
+    if flat_want.size == 0:
+        return _unmatched("the model has no output values to compare")
+    diff = float(np.max(np.abs(flat_got - flat_want)))
+    ref_max = float(np.max(np.abs(flat_want)))
+    rel = diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else math.inf)
+    if math.isnan(diff):
+        rel = math.inf
+    norms = float(np.linalg.norm(flat_got) * np.linalg.norm(flat_want))
+    cosine = float(flat_got @ flat_want / norms) if norms > 0 else None
+    top1, top5 = _topk(got[0], want[0])
+    return Check(diff, ref_max, rel, cosine, top1, top5)
+
+
+def _topk(got: np.ndarray, want: np.ndarray) -> tuple[bool | None, bool | None]:
+    """Top-1 and top-5 agreement of the first output, read as one row of logits per sample."""
+    if got.ndim == 0 or got.size == 0:
+        return None, None
+    first_got, first_want = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
+    if first_got.shape[-1] < 2:
+        return None, None
+    top1 = bool(np.array_equal(first_got.argmax(-1), first_want.argmax(-1)))
+    k = min(5, first_got.shape[-1])
+    top5_got = np.sort(np.argsort(-first_got, axis=-1)[:, :k], axis=-1)
+    top5_want = np.sort(np.argsort(-first_want, axis=-1)[:, :k], axis=-1)
+    return top1, bool(np.array_equal(top5_got, top5_want))
+
+
+def _unmatched(problem: str) -> Check:
+    return Check(math.inf, math.nan, math.inf, None, False, False, problem)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
