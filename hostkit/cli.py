@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", type=Path, default=None, help="a state dict for the model")
     run.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
                      help="input shape, e.g. 1,3,224,224")
+    run.add_argument("--input", action="append", default=None, metavar="FILE",
+                     help="an image (.jpg, .png: preprocessed as the model's torchvision "
+                          "transforms do) or a .npy tensor; repeat for a model with several inputs")
     run.add_argument("--format", choices=["so", "tar"], default=None,
                      help="artifact format: so (linked here) or tar (linked on the board)")
     run.add_argument("--rtol", type=_positive_float, default=CHECK_RTOL,
@@ -166,7 +169,9 @@ def _progress_console() -> Any:
 def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
     from hostkit.models import ModelSpec
 
-    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape) for n in names]
+    inputs = tuple(getattr(args, "input", None) or ())
+    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape, inputs=inputs)
+            for n in names]
 
 
 def _with_flags(device: Device, args: argparse.Namespace) -> Device:
@@ -241,10 +246,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from hostkit.models import available_models
+    from hostkit.models.zoo import families
 
-    names = available_models()
-    print(json.dumps(names) if args.json else "\n".join(names))
+    groups = families()
+    if args.json:
+        print(json.dumps(groups, indent=2))
+        return 0
+    notes = {"detection": "listed, not deployable yet: torch.export stops at a data-dependent "
+                          "guard in torchvision's post-processing (see README)"}
+    for family, names in groups.items():
+        note = f" ({notes[family]})" if family in notes else ""
+        print(f"{family}: {len(names)} models{note}")
+        print("\n".join(f"  {name}" for name in names))
     return 0
 
 

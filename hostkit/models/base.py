@@ -4,7 +4,9 @@ identity hash that keys the compiled-artifact cache)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ class ModelSpec:
     weights: Path | None = None
     input_shape: tuple[int, ...] | None = None
     seed: int = DEFAULT_SEED
+    inputs: tuple[str, ...] = ()  # --input files: images or .npy tensors, in input order
 
 
 @dataclass
@@ -34,16 +37,24 @@ class LoadedModel:
     inputs: list[np.ndarray]
     identity: str
     _module: Any = None
+    family: str = "classification"  # what the check compares: logits, or per-pixel classes
+    preprocessing: str | None = None  # the transforms an image input went through
+    output_names: list[str] = field(default_factory=list)  # filled by reference()
 
     def reference(self) -> list[np.ndarray]:
-        """PyTorch's outputs on the host, for the same weights and inputs the device gets."""
+        """PyTorch's outputs on the host, for the same weights and inputs the device gets.
+
+        Tuples, lists and dicts are flattened in order (the order TVM's importer returns them),
+        and `output_names` says which is which (`out`, `aux`, or `output0`, `output1`, ...).
+        """
         import torch
 
         args = [torch.from_numpy(x) for x in self.inputs]
         with torch.no_grad():
             out = self._module(*args) if self._module is not None else self.program.module()(*args)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        return [o.detach().cpu().numpy() for o in outs]
+        named = _flatten("output", out)
+        self.output_names = [name for name, _ in named]
+        return [value.detach().cpu().numpy() for _, value in named]
 
     def exported(self) -> Any:
         """The ExportedProgram TVM imports."""
@@ -51,11 +62,14 @@ class LoadedModel:
             import torch
 
             args = tuple(torch.from_numpy(x) for x in self.inputs)
+            # A failed export prints the whole traced graph (thousands of lines) on stderr; the
+            # exception says what matters, and _export_error keeps that in one line.
             try:
-                self.program = torch.export.export(self._module, args)
+                with contextlib.redirect_stderr(io.StringIO()), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    self.program = torch.export.export(self._module, args)
             except Exception as exc:
-                raise ModelError(f"torch.export failed for {self.name}: "
-                                 f"{str(exc).splitlines()[0][:300]}", stage="export") from exc
+                raise ModelError(_export_error(self.name, exc), stage="export") from exc
         return self.program
 
     def perturbed(self) -> "LoadedModel":
@@ -72,7 +86,30 @@ class LoadedModel:
             flat = weight.view(-1)
             flat[0] += 1.0 + float(weight.abs().max())
         return LoadedModel(name=self.name, program=None, inputs=self.inputs,
-                           identity=f"{self.identity}|perturbed:{name}[0]", _module=module)
+                           identity=f"{self.identity}|perturbed:{name}[0]", _module=module,
+                           family=self.family, preprocessing=self.preprocessing,
+                           output_names=self.output_names)
+
+
+def _flatten(name: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _flatten(str(key), item)]
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return _flatten(name, value[0])
+        return [leaf for i, item in enumerate(value) for leaf in _flatten(f"{name}{i}", item)]
+    return [(name, value)]
+
+
+def _export_error(name: str, exc: Exception) -> str:
+    """One line: what stopped torch.export, and where in the model's code."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    where = next((line for line in lines if line.startswith("Caused by:")), "")
+    if "data-dependent" in first:
+        first = "a data-dependent guard (the output size depends on the values computed)"
+    place = f" at {where.removeprefix('Caused by:').strip(' ()')}" if where else ""
+    return f"torch.export failed for {name}: {first[:200]}{place}"
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -1,7 +1,11 @@
-"""Models by name: torchvision's classifiers and edgekit's own small ones.
+"""Models by name: torchvision's classifiers, segmenters and detectors, and edgekit's own small one.
 
 No model hub is reachable, so torchvision models get seeded random weights, initialised from data
 so their outputs carry signal (`hostkit.models.init`), unless `--weights` gives a state dict.
+Segmenters return a dict (`out`, and `aux` when built with it): its entries become the model's
+named outputs. Detectors are listed, but `torch.export` stops at a data-dependent guard in
+torchvision's post-processing (NMS, score thresholds) on torch 2.14; loading one tries the export
+at once and names the guard, before any device is touched.
 """
 
 from __future__ import annotations
@@ -14,21 +18,39 @@ from typing import TYPE_CHECKING
 from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input
 from hostkit.models.init import INIT_METHOD, live_init
+from hostkit.models.inputs import IMAGE_SUFFIXES, describe, read_input
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["available_models", "load_named", "BUILTIN_MODELS"]
+__all__ = ["available_models", "families", "family_of", "load_named", "BUILTIN_MODELS",
+           "FAMILIES"]
 
 DEFAULT_SHAPES = {"inception_v3": (1, 3, 299, 299)}
 DEFAULT_SHAPE = (1, 3, 224, 224)
 BUILTIN_MODELS = ("tinycnn",)
+# The families edgekit lists, in the order `edgekit models` shows them.
+FAMILIES = ("classification", "segmentation", "detection")
+
+
+def families() -> dict[str, list[str]]:
+    """Model names by family: torchvision's classifiers (and tinycnn), segmenters, detectors."""
+    import torchvision
+
+    models = torchvision.models
+    return {
+        "classification": sorted([*models.list_models(module=models), *BUILTIN_MODELS]),
+        "segmentation": sorted(models.list_models(module=models.segmentation)),
+        "detection": sorted(models.list_models(module=models.detection)),
+    }
 
 
 def available_models() -> list[str]:
-    import torchvision
+    return sorted(name for names in families().values() for name in names)
 
-    return sorted([*torchvision.models.list_models(module=torchvision.models), *BUILTIN_MODELS])
+
+def family_of(name: str) -> str | None:
+    return next((family for family, names in families().items() if name in names), None)
 
 
 def _tinycnn() -> "torch.nn.Module":
@@ -50,17 +72,27 @@ def load_named(spec: ModelSpec) -> LoadedModel:
     if spec.name not in names:
         close = difflib.get_close_matches(spec.name, names, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ModelError(f"unknown model '{spec.name}': {hint}give a torchvision classification "
-                         "model name or a path to a .pt2 file (`edgekit models` lists the names)",
-                         stage="model")
+        raise ModelError(f"unknown model '{spec.name}': {hint}give a torchvision model name or "
+                         "a path to a .pt2 file (`edgekit models` lists the names)", stage="model")
+    family = family_of(spec.name) or "classification"
     torch.manual_seed(spec.seed)
+    transforms = None
     if spec.name in BUILTIN_MODELS:
         module = _tinycnn()
         default_shape: tuple[int, ...] = (1, 3, 32, 32)
     else:
-        module = torchvision.models.get_model(spec.name, weights=None)
+        module = torchvision.models.get_model(spec.name, weights=None, **_no_downloads(family))
         default_shape = DEFAULT_SHAPES.get(spec.name, DEFAULT_SHAPE)
-    shape = spec.input_shape or default_shape
+        transforms = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
+    given = [read_input(Path(path), spec.name, transforms) for path in spec.inputs]
+    if len(given) > 1:
+        raise ModelError(f"{spec.name} takes one input; got {len(given)} --input files",
+                         stage="model")
+    shape = tuple(given[0].shape) if given else (spec.input_shape or default_shape)
+    if family == "detection":  # fails here, naming the guard, before any device is touched
+        module.eval()
+        LoadedModel(name=spec.name, program=None, inputs=given or [make_input(shape, spec.seed)],
+                    identity="", _module=module, family=family).exported()
     if spec.weights is not None:
         _load_weights(module, spec.weights, spec.name)
         origin = f"weights={spec.weights.name}"
@@ -68,10 +100,21 @@ def load_named(spec: ModelSpec) -> LoadedModel:
         live_init(module, shape, spec.seed)
         origin = f"seed={spec.seed}|init={INIT_METHOD}"
     module.eval()
-    inputs = [make_input(shape, spec.seed)]
+    inputs = given or [make_input(shape, spec.seed)]
     identity = _hash_module(f"{spec.name}|{origin}", module, shape)
-    return LoadedModel(name=spec.name, program=None, inputs=inputs, identity=identity,
-                       _module=module)
+    model = LoadedModel(name=spec.name, program=None, inputs=inputs, identity=identity,
+                        _module=module, family=family,
+                        preprocessing=describe(transforms) if _has_image(spec) else None)
+    return model
+
+
+def _has_image(spec: ModelSpec) -> bool:
+    return any(Path(path).suffix.lower() in IMAGE_SUFFIXES for path in spec.inputs)
+
+
+def _no_downloads(family: str) -> dict[str, object]:
+    """Constructor arguments that keep torchvision from fetching pretrained backbone weights."""
+    return {"weights_backbone": None} if family in ("segmentation", "detection") else {}
 
 
 def _load_weights(module: "torch.nn.Module", path: Path, name: str) -> None:

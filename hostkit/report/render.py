@@ -73,9 +73,10 @@ def deploy_summary(console: Console, result: RunResult) -> None:
             if result.perturbed else ""
         rows.append(("vs PyTorch", f"relative error {_diff(result.rel_err)} (max abs diff "
                                    f"{_diff(result.max_abs_diff)}, PyTorch's outputs up to "
-                                   f"{_diff(result.ref_max)}), cosine {cosine}, top-1 "
-                                   f"{_yes(result.top1_match)}, top-5 {_yes(result.top5_match)}"
-                                   f"{perturbed}"))
+                                   f"{_diff(result.ref_max)}), cosine {cosine}, "
+                                   f"{_family_check(result)}{perturbed}"))
+        if result.preprocessing:
+            rows.append(("input", f"image, preprocessed: {result.preprocessing}"))
     lat = result.latency_ms
     if lat is not None:
         mark = " [yellow](emulated board: not board timings)[/yellow]" if result.emulated else ""
@@ -84,6 +85,14 @@ def deploy_summary(console: Console, result: RunResult) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _family_check(result: RunResult) -> str:
+    check = result.check
+    if check.get("family") == "segmentation" and check.get("pixel_agreement") is not None:
+        return (f"{check['pixel_agreement']:.4%} of {check['pixels']:,} pixels have the same "
+                "class")
+    return f"top-1 {_yes(result.top1_match)}, top-5 {_yes(result.top5_match)}"
 
 
 def _yes(value: bool | None) -> str:

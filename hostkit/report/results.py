@@ -52,6 +52,8 @@ class RunResult:
     rel_err: float | None = None  # max_abs_diff over ref_max; what `status` is judged on
     ref_max: float | None = None  # the largest |value| in PyTorch's outputs
     cosine: float | None = None
+    check: dict[str, Any] = field(default_factory=dict)  # what was compared, by model family
+    preprocessing: str | None = None  # the transforms an --input image went through
     top1_match: bool | None = None
     top5_match: bool | None = None
     compile_s: float | None = None

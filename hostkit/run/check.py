@@ -6,8 +6,10 @@ tolerance passes any device on a model whose outputs are near zero: MobileNetV2 
 weights once "matched" at 2.9e-15 whatever ran. fp32 builds land near 1e-6 (float rounding in
 another summation order), so 1e-4 leaves room for tuned kernels and still fails a device that
 computes something else. Beside it the check reports the absolute difference, the reference's
-magnitude (so a reader sees what was compared), the cosine similarity, and top-1/top-5 agreement
-when the first output is a row of logits.
+magnitude (so a reader sees what was compared), the cosine similarity, and what fits the model's
+family: top-1/top-5 agreement for a classifier's logits; for a segmenter (first output N x C x H x
+W), the share of pixels whose class (argmax over C) agrees, which must be at least
+`PIXEL_AGREEMENT`, since a relative error on logits can hide a few flipped classes near ties.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 
 from hostkit.defaults import CHECK_RTOL
 
-__all__ = ["RTOL", "Check", "compare_outputs"]
+__all__ = ["RTOL", "PIXEL_AGREEMENT", "Check", "compare_outputs"]
 
 RTOL = CHECK_RTOL
+PIXEL_AGREEMENT = 0.999
 
 
 @dataclass(frozen=True)
@@ -33,21 +36,44 @@ class Check:
     top1_match: bool | None
     top5_match: bool | None
     problem: str | None = None  # why the outputs cannot be compared value by value
+    family: str = "classification"
+    pixels: int | None = None  # segmentation: pixels compared
+    pixel_agreement: float | None = None  # segmentation: share of pixels with the same class
 
     def passed(self, rtol: float = RTOL) -> bool:
+        if self.pixel_agreement is not None and self.pixel_agreement < PIXEL_AGREEMENT:
+            return False
         return self.problem is None and self.rel_err <= rtol
+
+    def details(self) -> dict[str, object]:
+        """What was compared, for the summary and `--json` (`check`)."""
+        out: dict[str, object] = {"family": self.family, "outputs_ref_max": self.ref_max}
+        if self.family == "segmentation":
+            out.update(pixels=self.pixels, pixel_agreement=self.pixel_agreement)
+        else:
+            out.update(top1=self.top1_match, top5=self.top5_match)
+        return out
 
     def reason(self, rtol: float = RTOL) -> str:
         """One line saying why the check failed."""
         if self.problem is not None:
             return self.problem
+        if self.pixel_agreement is not None and self.pixel_agreement < PIXEL_AGREEMENT:
+            return (f"segmentation differs from PyTorch: {self.pixel_agreement:.4%} of "
+                    f"{self.pixels} pixels have the same class (at least {PIXEL_AGREEMENT:.1%} "
+                    "needed)")
         return (f"outputs differ from PyTorch: relative error {self.rel_err:.3g} > rtol "
                 f"{rtol:g} (max abs diff {self.max_abs_diff:.3g}, PyTorch's outputs up to "
                 f"{self.ref_max:.3g})")
 
 
-def compare_outputs(got: list[np.ndarray], want: list[np.ndarray]) -> Check:
-    """Compare every output; a different count or shape is a problem named in words."""
+def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
+                    family: str = "classification") -> Check:
+    """Compare every output; a different count or shape is a problem named in words.
+
+    A first output of rank 4 (N x C x H x W, C > 1) is compared as a segmentation map whatever
+    `family` says, so a saved program of a segmenter gets the pixel check too.
+    """
     if len(got) != len(want):
         return _unmatched(f"the device returned {len(got)} outputs, PyTorch {len(want)}")
     for i, (g, w) in enumerate(zip(got, want)):
@@ -65,8 +91,13 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray]) -> Check:
         rel = math.inf
     norms = float(np.linalg.norm(flat_got) * np.linalg.norm(flat_want))
     cosine = float(flat_got @ flat_want / norms) if norms > 0 else None
+    if family == "segmentation" or (want[0].ndim == 4 and want[0].shape[1] > 1):
+        classes_got, classes_want = got[0].argmax(axis=1), want[0].argmax(axis=1)
+        agreement = float(np.mean(classes_got == classes_want))
+        return Check(diff, ref_max, rel, cosine, None, None, family="segmentation",
+                     pixels=int(classes_want.size), pixel_agreement=agreement)
     top1, top5 = _topk(got[0], want[0])
-    return Check(diff, ref_max, rel, cosine, top1, top5)
+    return Check(diff, ref_max, rel, cosine, top1, top5, family=family)
 
 
 def _topk(got: np.ndarray, want: np.ndarray) -> tuple[bool | None, bool | None]:

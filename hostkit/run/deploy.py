@@ -166,7 +166,9 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "first inference")
         outputs, first_ms = loaded.run(model.inputs)
         result.first_inference_ms = first_ms
-        check = compare_outputs(outputs, reference)
+        check = compare_outputs(outputs, reference, model.family)
+        result.check = {**check.details(), "outputs": model.output_names}
+        result.preprocessing = model.preprocessing
         result.max_abs_diff, result.rel_err = check.max_abs_diff, check.rel_err
         result.ref_max, result.cosine = check.ref_max, check.cosine
         result.top1_match, result.top5_match = check.top1_match, check.top5_match

@@ -1,0 +1,113 @@
+"""Model families on a real daemon: a segmenter checked pixel by pixel, image and .npy inputs, and
+a detector refused in one line that names the guard torch.export stopped at."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hostkit.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def _inventory(write_inventory: Any, daemon: Any) -> Path:
+    return write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
+                                                "port": daemon.port}}})
+
+
+def _deploy(inv: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["deploy", "-i", str(inv), "-d", "dev", "--json", "--repeat", "1",
+                     "--warmup", "0", *args])
+    text = out.getvalue()
+    return code, json.loads(text) if text.strip() else None, err.getvalue()
+
+
+def _scene(path: Path) -> Path:
+    from PIL import Image
+
+    y, x = np.mgrid[0:180, 0:240]
+    noise = np.random.default_rng(0).integers(0, 40, (180, 240, 3))
+    pixels = np.stack([(x * 0.9) % 255, (y * 1.3) % 255, ((x + y) * 0.4) % 255], -1) + noise
+    Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(path)
+    return path
+
+
+def test_segmenter_is_checked_pixel_by_pixel(daemon: Any, write_inventory: Any) -> None:
+    inv = _inventory(write_inventory, daemon)
+    shape = ["--input-shape", "1,3,96,128"]
+    code, result, err = _deploy(inv, "lraspp_mobilenet_v3_large", *shape)
+    assert code == 0 and result is not None and result["status"] == "ok", err
+    check = result["check"]
+    assert check["family"] == "segmentation" and check["outputs"] == ["out"]
+    assert check["pixels"] == 96 * 128 and check["pixel_agreement"] >= 0.999
+    assert result["ref_max"] > 0.5 and result["rel_err"] < 1e-4
+
+    code, perturbed, _ = _deploy(inv, "lraspp_mobilenet_v3_large", *shape, "--perturb")
+    assert code == 1 and perturbed is not None and perturbed["stage"] == "check"
+    assert perturbed["status"] == "failed" and perturbed["rel_err"] > 1e-4
+
+
+def test_image_input_is_preprocessed_like_torchvision(daemon: Any, write_inventory: Any,
+                                                      tmp_path: Path) -> None:
+    inv = _inventory(write_inventory, daemon)
+    image = _scene(tmp_path / "scene.png")
+    code, result, err = _deploy(inv, "squeezenet1_1", "--input", str(image))
+    assert code == 0 and result is not None and result["status"] == "ok", err
+    assert "ImageClassification" in (result["preprocessing"] or "")
+    assert "crop_size=[224]" in result["preprocessing"]
+    assert result["check"]["top1"] is True and result["rel_err"] < 1e-4
+
+
+def test_npy_input_and_its_errors(daemon: Any, write_inventory: Any, tmp_path: Path) -> None:
+    inv = _inventory(write_inventory, daemon)
+    tensor = tmp_path / "x.npy"
+    np.save(tensor, np.random.default_rng(1).standard_normal((1, 3, 28, 28)).astype(np.float32))
+    code, result, err = _deploy(inv, "tinycnn", "--input", str(tensor))
+    assert code == 0 and result is not None and result["status"] == "ok", err
+    assert result["preprocessing"] is None
+
+    strings = tmp_path / "s.npy"
+    np.save(strings, np.array(["a", "b"]))
+    code, result, _ = _deploy(inv, "tinycnn", "--input", str(strings))
+    assert code == 1 and result is not None and result["stage"] == "model"
+    assert result["error"] == f"input file {strings} holds <U1; expected float32 numbers"
+    junk = tmp_path / "photo.png"
+    junk.write_bytes(b"not a png")
+    code, result, _ = _deploy(inv, "squeezenet1_1", "--input", str(junk))
+    assert code == 1 and result is not None
+    assert result["error"].startswith(f"input file {junk} is not a readable image")
+    code, result, _ = _deploy(inv, "tinycnn", "--input", str(junk))
+    assert code == 1 and result is not None
+    assert result["error"] == (f"input file {junk}: tinycnn has no published preprocessing; "
+                               "give a .npy tensor instead")
+
+
+def test_detector_is_refused_naming_the_guard(daemon: Any, write_inventory: Any) -> None:
+    inv = _inventory(write_inventory, daemon)
+    code, result, err = _deploy(inv, "ssdlite320_mobilenet_v3_large")
+    assert code == 1 and result is not None and result["stage"] == "export"
+    assert result["error"].startswith("torch.export failed for ssdlite320_mobilenet_v3_large: "
+                                      "a data-dependent guard")
+    assert "batched_nms" in result["error"], "the guard's place in torchvision's code is named"
+    assert "def forward" not in err and len(err.splitlines()) < 20, "no traced-graph dump"
+
+
+def test_models_lists_names_by_family(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    assert list(groups) == ["classification", "segmentation", "detection"]
+    assert "resnet18" in groups["classification"] and "tinycnn" in groups["classification"]
+    assert "fcn_resnet50" in groups["segmentation"]
+    assert "maskrcnn_resnet50_fpn" in groups["detection"]
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "segmentation: 6 models" in text and "not deployable yet" in text
