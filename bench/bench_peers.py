@@ -18,6 +18,7 @@ below is missed (targets only with --no-floor off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -57,6 +58,47 @@ def _local_device(name: str, inventory: Path | None) -> Any:
 
     inv = load_inventory(inventory) if inventory else parse_inventory(BUILTIN_INVENTORY)
     return inv.get(name)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """The device a bench runs on, with its target and an open session (see `bench_session`)."""
+
+    device: Any
+    resolved: Any
+    cross_cc: str | None
+    session: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    workdir: Path = Path(".")
+
+
+def bench_device(name: str, inventory: Path | None) -> Bench:
+    from hostkit.build.targets import check_cross_compiler, resolve_target
+
+    device = _local_device(name, inventory)
+    resolved = resolve_target(device)
+    return Bench(device, resolved, check_cross_compiler(device, resolved))
+
+
+@contextlib.contextmanager
+def bench_session(bench: Bench) -> Iterator[Bench]:
+    """One RPC session to the device (its TVM version checked) and a scratch folder."""
+    from hostkit.run.remote import DeviceSession, check_versions
+    from hostkit.transport import make_transport
+
+    with make_transport(bench.device) as transport, tempfile.TemporaryDirectory() as tmp:
+        bench.session = DeviceSession(transport, transport.session())
+        bench.info = bench.session.info()
+        check_versions(bench.device.name, bench.info)
+        bench.workdir = Path(tmp)
+        try:
+            yield bench
+        finally:
+            bench.session.close()
 
 
 def _torch_timer(model: Any, threads: int) -> Callable[[int], list[float]]:
@@ -104,6 +146,11 @@ def _ort_timer(model: Any, threads: int, workdir: Path,
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"x": model.inputs[0]}
     _check(row, list(session.run(None, feed)), reference)
+    return ort_timer(session, feed)
+
+
+def ort_timer(session: Any, feed: dict[str, np.ndarray]) -> Callable[[int], list[float]]:
+    """Per-inference wall times (ms) of an ONNX Runtime session, one call per sample."""
 
     def run(n: int) -> list[float]:
         out = []
@@ -196,7 +243,14 @@ def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, 
     except Exception as exc:  # no exporter or ORT build: the row says why, the others still run
         rows["onnxruntime"].note = f"unavailable: {str(exc).splitlines()[0][:120]}"
 
-    for engine, timer in timers.items():  # warm up: first calls pay for lazy set-up
+    time_interleaved(name, args, timers, rows)
+    return list(rows.values())
+
+
+def time_interleaved(name: str, args: argparse.Namespace,
+                     timers: dict[str, Callable[[int], list[float]]], rows: dict[str, Row]) -> None:
+    """Warm every engine up, then time them in interleaved rounds, so load falls on all alike."""
+    for timer in timers.values():  # first calls pay for lazy set-up
         timer(args.warmup)
     log(f"{name}: timing {args.rounds} interleaved rounds of {args.repeat}")
     for _ in range(args.rounds):
@@ -207,7 +261,6 @@ def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, 
             row.n = len(row.samples)
             row.p50_ms = statistics.median(row.samples)
             row.mean_ms = statistics.fmean(row.samples)
-    return list(rows.values())
 
 
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
@@ -273,27 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-floor", action="store_true", help="exit 0 even if a target is missed")
     args = parser.parse_args(argv)
 
-    from hostkit.build.targets import check_cross_compiler, resolve_target
-    from hostkit.run.remote import DeviceSession, check_versions
-    from hostkit.transport import make_transport
-
-    device = _local_device(args.device, args.inventory)
-    resolved = resolve_target(device)
-    cross_cc = check_cross_compiler(device, resolved)
-
-    def log(message: str) -> None:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
+    bench = bench_device(args.device, args.inventory)
+    device, resolved, cross_cc = bench.device, bench.resolved, bench.cross_cc
     notes = {name: tune_missing(name, args, device, resolved, log) for name in args.models}
     rows: list[Row] = []
-    with make_transport(device) as transport, tempfile.TemporaryDirectory() as tmp:
-        session = DeviceSession(transport, transport.session())
-        info = session.info()
-        check_versions(device.name, info)
+    with bench_session(bench):
         for name in args.models:
-            rows.extend(bench_model(name, args, device, session, resolved, cross_cc, Path(tmp),
-                                    log, notes[name]))
-        session.close()
+            rows.extend(bench_model(name, args, device, bench.session, resolved, cross_cc,
+                                    bench.workdir, log, notes[name]))
+    info = bench.info
     checks = ratios(rows)
     meta = {"device": device.name, "cpu": info.get("cpu"),
             "threads": args.threads or info.get("cores")}

@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="self-test of the check: deploy a copy with one weight changed; the "
                           "check against PyTorch must then report failed")
     run.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
+    _quant_flags(run)
 
     parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
                                                  "with Apache TVM.")
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="stop starting new trials after this many minutes")
     tune.add_argument("--weights", type=Path, default=None)
     tune.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS")
+    _quant_flags(tune)
 
     board = sub.add_parser("board", parents=[common], help="the emulated ARM board (qemu)")
     board.add_argument("action", choices=["up", "down", "status"])
@@ -136,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", parents=[common], help="diagnose a device step by step")
     doc.add_argument("--device", "-d", required=True)
     return parser
+
+
+def _quant_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="quantize on the host with calibration; int8 kernels on the device")
+    parser.add_argument("--calibration", default="32", metavar="N|DIR",
+                        help="calibration: N seeded samples (default 32) or a folder of images")
+    parser.add_argument("--calibration-method", choices=["minmax", "entropy"], default="minmax",
+                        help="activation ranges: largest magnitude, or KL-divergence threshold")
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
@@ -170,8 +181,9 @@ def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
     from hostkit.models import ModelSpec
 
     inputs = tuple(getattr(args, "input", None) or ())
-    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape, inputs=inputs)
-            for n in names]
+    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape, inputs=inputs,
+                      quantize=args.quantize, calibration=args.calibration,
+                      calibration_method=args.calibration_method) for n in names]
 
 
 def _with_flags(device: Device, args: argparse.Namespace) -> Device:

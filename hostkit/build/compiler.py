@@ -42,6 +42,7 @@ class Artifact:
     records: str | None
     fmt: str
     tuned_kernels: str | None = None  # "covered/tunable" when records were applied
+    int8: dict[str, Any] | None = None  # int8 builds: layers lowered to int8, layers left fp32
 
     @property
     def size(self) -> int:
@@ -49,14 +50,30 @@ class Artifact:
 
 
 def import_relax(model: LoadedModel) -> "tvm.IRModule":
-    """Import the model into Relax with weights bound as constants (they ship inside the .so)."""
+    """Import the model into Relax with weights bound as constants (they ship inside the .so).
+
+    An int8 model's quantized layers are lowered to int8 kernels here, so tuning and building see
+    the same module.
+    """
+    mod, _ = import_with_report(model)
+    return mod
+
+
+def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, Any] | None]:
+    """`import_relax`, plus for an int8 model what was lowered to int8 and what stayed fp32."""
     from tvm.relax.frontend.torch import from_exported_program
 
     program = model.exported()
     try:
-        return from_exported_program(program, keep_params_as_input=False)
+        mod = from_exported_program(program, keep_params_as_input=False)
     except Exception as exc:
         raise CompileError(_import_error(model.name, exc), stage="import") from exc
+    if model.precision != "int8":
+        return mod, None
+    from hostkit.build.int8 import lower_int8
+
+    mod, lowering = lower_int8(mod)
+    return mod, {"int8_layers": lowering.int8, "fp32_layers": lowering.fp32}
 
 
 def _import_error(name: str, exc: Exception) -> str:
@@ -102,10 +119,10 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return Artifact(path=lib, sha256=meta["sha256"], cached=True, compile_s=0.0,
                         tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
-                        tuned_kernels=meta.get("tuned_kernels"))
+                        tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"))
 
     start = time.perf_counter()
-    mod = import_relax(model)
+    mod, int8 = import_with_report(model)
     tuned, coverage = False, None
     try:
         if records_id is not None:
@@ -129,7 +146,7 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
         compile_s = time.perf_counter() - start
         meta = {"sha256": sha, "model": model.name, "target": target.to_json(), "format": fmt,
                 "tuned": tuned, "records": records_id if tuned else None, "compile_s": compile_s,
-                "tuned_kernels": str(coverage) if coverage is not None else None}
+                "tuned_kernels": str(coverage) if coverage is not None else None, "int8": int8}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if folder.exists():  # a concurrent build of the same key won; keep the existing one
             shutil.rmtree(staging)
@@ -141,7 +158,7 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     return Artifact(path=lib, sha256=meta["sha256"], cached=False, compile_s=compile_s,
                     tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
-                    tuned_kernels=meta.get("tuned_kernels"))
+                    tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"))
 
 
 def _export(executable: Any, path: Path, fmt: str, cross_compiler: str | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hostkit.errors import ModelError
 from hostkit.models.base import DEFAULT_SEED, LoadedModel, ModelSpec
 from hostkit.models.zoo import BUILTIN_MODELS, available_models
 
@@ -19,11 +20,22 @@ __all__ = ["ModelSpec", "LoadedModel", "load_model", "available_models", "BUILTI
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """The model `spec` names: a `.pt2` file by path, otherwise a name from the zoo."""
+    """The model `spec` names: a `.pt2` file by path, otherwise a name from the zoo; quantized to
+    int8 with calibration when `spec.quantize` says so."""
+    from hostkit.models.zoo import load_named, transforms_for
+
     if spec.name.endswith((".pt2", ".pt")) or Path(spec.name).is_file():
         from hostkit.models.files import load_program_file
 
-        return load_program_file(spec)
-    from hostkit.models.zoo import load_named
+        model = load_program_file(spec)
+    else:
+        model = load_named(spec)
+    if spec.quantize is None:
+        return model
+    if spec.quantize != "int8":
+        raise ModelError(f"--quantize {spec.quantize}: only int8 is supported", stage="quantize")
+    from hostkit.models.quantize import calibration_samples, quantize_int8
 
-    return load_named(spec)
+    samples = calibration_samples(spec.calibration, model, transforms_for(model.name))
+    quantized, _ = quantize_int8(model, samples, spec.calibration_method)
+    return quantized

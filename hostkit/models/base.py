@@ -28,6 +28,9 @@ class ModelSpec:
     input_shape: tuple[int, ...] | None = None
     seed: int = DEFAULT_SEED
     inputs: tuple[str, ...] = ()  # --input files: images or .npy tensors, in input order
+    quantize: str | None = None  # "int8"
+    calibration: str = "32"  # a sample count, or a folder of images or .npy files
+    calibration_method: str = "minmax"
 
 
 @dataclass
@@ -40,6 +43,8 @@ class LoadedModel:
     family: str = "classification"  # what the check compares: logits, or per-pixel classes
     preprocessing: str | None = None  # the transforms an image input went through
     output_names: list[str] = field(default_factory=list)  # filled by reference()
+    precision: str = "fp32"  # "int8": quantized by hostkit.models.quantize
+    quantization: Any = None  # what quantizing did (hostkit.models.quantize.Quantization)
 
     def reference(self) -> list[np.ndarray]:
         """PyTorch's outputs on the host, for the same weights and inputs the device gets.
@@ -88,7 +93,8 @@ class LoadedModel:
         return LoadedModel(name=self.name, program=None, inputs=self.inputs,
                            identity=f"{self.identity}|perturbed:{name}[0]", _module=module,
                            family=self.family, preprocessing=self.preprocessing,
-                           output_names=self.output_names)
+                           output_names=self.output_names, precision=self.precision,
+                           quantization=self.quantization)
 
 
 def _flatten(name: str, value: Any) -> list[tuple[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input
@@ -23,7 +23,8 @@ from hostkit.models.inputs import IMAGE_SUFFIXES, describe, read_input
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["available_models", "families", "family_of", "load_named", "BUILTIN_MODELS",
+__all__ = ["available_models", "families", "family_of", "load_named", "transforms_for",
+           "BUILTIN_MODELS",
            "FAMILIES"]
 
 DEFAULT_SHAPES = {"inception_v3": (1, 3, 299, 299)}
@@ -106,6 +107,15 @@ def load_named(spec: ModelSpec) -> LoadedModel:
                         _module=module, family=family,
                         preprocessing=describe(transforms) if _has_image(spec) else None)
     return model
+
+
+def transforms_for(name: str) -> Any | None:
+    """The preprocessing torchvision publishes with `name`'s weights (no download), if any."""
+    import torchvision
+
+    if name not in available_models() or name in BUILTIN_MODELS:
+        return None
+    return torchvision.models.get_model_weights(name).DEFAULT.transforms()
 
 
 def _has_image(spec: ModelSpec) -> bool:

@@ -61,6 +61,7 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         ("target", result.target or "-"),
         ("artifact", f"{result.artifact_sha256[:16]}… ({(result.artifact_bytes or 0) / 1e6:.1f} MB"
                      f"{', cached' if result.cached else ''})" if result.artifact_sha256 else "-"),
+        ("precision", _precision(result)),
         ("tuned", _tuned(result)),
         ("compile", "cached" if result.cached else _sec(result.compile_s)),
         ("upload", "already on device" if result.uploaded is False else _sec(result.upload_s)),
@@ -87,12 +88,27 @@ def deploy_summary(console: Console, result: RunResult) -> None:
     console.print(table)
 
 
+def _precision(result: RunResult) -> str:
+    q = result.quantization
+    if result.precision != "int8" or not q:
+        return result.precision
+    left = q.get("fp32_layers") or []
+    agree = q.get("vs_fp32_top1")
+    return (f"int8 ({q.get('int8_layers', q.get('layers'))} layers int8, "
+            f"{len(left)} fp32{': ' + ', '.join(left[:5]) if left else ''}) · calibration "
+            f"{q['method']} on {q['samples']} samples · weights {q['int8_mb']:.1f} MB "
+            f"(fp32 {q['fp32_mb']:.1f} MB)"
+            + (f" · top-1 agrees with fp32 on {agree:.0%}" if agree is not None else ""))
+
+
 def _family_check(result: RunResult) -> str:
     check = result.check
     if check.get("family") == "segmentation" and check.get("pixel_agreement") is not None:
         return (f"{check['pixel_agreement']:.4%} of {check['pixels']:,} pixels have the same "
                 "class")
-    return f"top-1 {_yes(result.top1_match)}, top-5 {_yes(result.top5_match)}"
+    top3 = check.get("top3")
+    three = f", top-3 {_yes(top3)}" if top3 is not None else ""
+    return f"top-1 {_yes(result.top1_match)}{three}, top-5 {_yes(result.top5_match)}"
 
 
 def _yes(value: bool | None) -> str:

@@ -54,6 +54,8 @@ class RunResult:
     cosine: float | None = None
     check: dict[str, Any] = field(default_factory=dict)  # what was compared, by model family
     preprocessing: str | None = None  # the transforms an --input image went through
+    precision: str = "fp32"
+    quantization: dict[str, Any] | None = None  # int8: calibration, sizes, layers left in fp32
     top1_match: bool | None = None
     top5_match: bool | None = None
     compile_s: float | None = None

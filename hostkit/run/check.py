@@ -37,6 +37,7 @@ class Check:
     top5_match: bool | None
     problem: str | None = None  # why the outputs cannot be compared value by value
     family: str = "classification"
+    top3_match: bool | None = None  # the label set int8 checks compare (top-3, as is customary)
     pixels: int | None = None  # segmentation: pixels compared
     pixel_agreement: float | None = None  # segmentation: share of pixels with the same class
 
@@ -51,7 +52,7 @@ class Check:
         if self.family == "segmentation":
             out.update(pixels=self.pixels, pixel_agreement=self.pixel_agreement)
         else:
-            out.update(top1=self.top1_match, top5=self.top5_match)
+            out.update(top1=self.top1_match, top3=self.top3_match, top5=self.top5_match)
         return out
 
     def reason(self, rtol: float = RTOL) -> str:
@@ -96,22 +97,26 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
         agreement = float(np.mean(classes_got == classes_want))
         return Check(diff, ref_max, rel, cosine, None, None, family="segmentation",
                      pixels=int(classes_want.size), pixel_agreement=agreement)
-    top1, top5 = _topk(got[0], want[0])
-    return Check(diff, ref_max, rel, cosine, top1, top5, family=family)
+    top1, top3, top5 = _topk(got[0], want[0])
+    return Check(diff, ref_max, rel, cosine, top1, top5, family=family, top3_match=top3)
 
 
-def _topk(got: np.ndarray, want: np.ndarray) -> tuple[bool | None, bool | None]:
-    """Top-1 and top-5 agreement of the first output, read as one row of logits per sample."""
+def _topk(got: np.ndarray, want: np.ndarray) -> tuple[bool | None, bool | None, bool | None]:
+    """Top-1, top-3 and top-5 agreement of the first output, as one row of logits per sample."""
     if got.ndim == 0 or got.size == 0:
-        return None, None
+        return None, None, None
     first_got, first_want = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
     if first_got.shape[-1] < 2:
-        return None, None
+        return None, None, None
     top1 = bool(np.array_equal(first_got.argmax(-1), first_want.argmax(-1)))
-    k = min(5, first_got.shape[-1])
-    top5_got = np.sort(np.argsort(-first_got, axis=-1)[:, :k], axis=-1)
-    top5_want = np.sort(np.argsort(-first_want, axis=-1)[:, :k], axis=-1)
-    return top1, bool(np.array_equal(top5_got, top5_want))
+
+    def same_set(k: int) -> bool:
+        k = min(k, first_got.shape[-1])
+        a = np.sort(np.argsort(-first_got, axis=-1)[:, :k], axis=-1)
+        b = np.sort(np.argsort(-first_want, axis=-1)[:, :k], axis=-1)
+        return bool(np.array_equal(a, b))
+
+    return top1, same_set(3), same_set(5)
 
 
 def _unmatched(problem: str) -> Check:

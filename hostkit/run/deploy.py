@@ -8,6 +8,7 @@ input, compare with PyTorch, benchmark on the device. A fleet run never stops ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -152,6 +153,9 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         result.cached, result.compile_s = artifact.cached, artifact.compile_s
         result.tuned, result.records = artifact.tuned, artifact.records
         result.tuned_kernels = artifact.tuned_kernels
+        result.precision = model.precision
+        if model.quantization is not None:
+            result.quantization = {**dataclasses.asdict(model.quantization), **(artifact.int8 or {})}
 
         note(device.name, spec.name, f"uploading {artifact.size / 1e6:.1f} MB")
         sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256,

@@ -85,3 +85,12 @@ def test_tune_on_the_board_then_deploy_tuned(board_inventory: Path,
     assert 0 < tuned <= total
     assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
     assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"
+
+
+def test_int8_cross_compiles_and_matches_on_the_board(board_inventory: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    result = _deploy(board_inventory, "tinycnn", capsys, "--quantize", "int8", "--calibration",
+                     "4", "--repeat", "1", "--input-shape", "1,3,28,28")
+    assert result["status"] == "ok", result["error"]
+    assert result["precision"] == "int8" and result["quantization"]["int8_layers"] == 3
+    assert result["rel_err"] < 1e-4 and result["emulated"] is True
