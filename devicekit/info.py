@@ -34,6 +34,66 @@ def _memory_bytes() -> int:
         return 0
 
 
+def memory_available_bytes() -> int:
+    """What a new model may take without swapping (0 unknown): the machine's MemAvailable, or
+    less when this process runs in a memory cgroup (a container) with a limit."""
+    available = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    room = _cgroup_room()
+    if room is not None:
+        available = min(available, room) if available else room
+    return available
+
+
+def _cgroup_room() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v1 or v2), None when unlimited."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as groups:
+            lines = groups.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            folder, files = f"/sys/fs/cgroup/memory{path}", ("memory.limit_in_bytes",
+                                                             "memory.usage_in_bytes")
+        elif controllers == "" and path != "/":
+            folder, files = f"/sys/fs/cgroup{path}", ("memory.max", "memory.current")
+        else:
+            continue
+        try:
+            with open(os.path.join(folder, files[0]), encoding="ascii") as limit_file:
+                limit_text = limit_file.read().strip()
+            with open(os.path.join(folder, files[1]), encoding="ascii") as usage_file:
+                usage = int(usage_file.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 1 << 60:
+            continue  # no limit set
+        return max(0, int(limit_text) - usage)
+    return None
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and its peak so far, in bytes (Linux)."""
+    import resource
+
+    rss = 0
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rss_bytes": rss, "peak_bytes": max(peak, rss)}
+
+
 def _os_name() -> str:
     try:
         with open("/etc/os-release", encoding="utf-8") as release:
@@ -55,6 +115,7 @@ def device_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "memory_bytes": _memory_bytes(),
+        "memory_available_bytes": memory_available_bytes(),
         "os": _os_name(),
         "kernel": platform.release(),
         "python": platform.python_version(),

@@ -34,7 +34,7 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     """Runs inside TVM's server worker: registers the `edgekit.*` functions the host calls."""
     import tvm_ffi
 
-    from devicekit.info import device_info
+    from devicekit.info import device_info, process_memory
     from devicekit.store import ArtifactStore, StoreError
 
     store = ArtifactStore(Path(store_dir))
@@ -52,6 +52,11 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     @tvm_ffi.register_global_func("edgekit.device_info", override=True)
     def _info() -> str:
         return json.dumps(device_info())
+
+    @tvm_ffi.register_global_func("edgekit.memory", override=True)
+    def _memory() -> str:
+        """This session's resident memory and its peak (each session is a process of its own)."""
+        return json.dumps(process_memory())
 
     @tvm_ffi.register_global_func("edgekit.artifact_has", override=True)
     def _has(sha256: str) -> bool:

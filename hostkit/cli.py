@@ -55,6 +55,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 1000, got {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
@@ -134,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("device", parents=[common], help="provision a board over SSH")
     dev.add_argument("action", choices=["install"])
     dev.add_argument("--device", "-d", required=True)
+
+    cmp = sub.add_parser("compare", parents=[common],
+                         help="regression gate: compare two `bench --json` result files")
+    cmp.add_argument("old", type=Path, help="results of the reference run")
+    cmp.add_argument("new", type=Path, help="results of the run to judge")
+    cmp.add_argument("--max-slowdown", type=_percent, default=10.0, metavar="PERCENT",
+                     help="fail when a row's p50 grew by more than this and by more than both "
+                          "runs' noise (default 10)")
 
     doc = sub.add_parser("doctor", parents=[common], help="diagnose a device step by step")
     doc.add_argument("--device", "-d", required=True)
@@ -365,9 +383,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hostkit.report.compare import compare_runs, load_records
+    from hostkit.report.render import compare_table, to_json
+
+    changes = compare_runs(load_records(args.old), load_records(args.new),
+                           args.max_slowdown / 100)
+    if args.json:
+        print(to_json([{**dataclasses.asdict(c), "regressed": c.regressed} for c in changes]))
+    else:
+        compare_table(_console(args), changes, args.max_slowdown)
+    return 1 if any(c.regressed for c in changes) else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "deploy": cmd_deploy, "bench": cmd_bench, "devices": cmd_devices, "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
+    "compare": cmd_compare,
 }
 
 

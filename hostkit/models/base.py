@@ -77,6 +77,17 @@ class LoadedModel:
                 raise ModelError(_export_error(self.name, exc), stage="export") from exc
         return self.program
 
+    def params_bytes(self) -> int:
+        """The weights' bytes as the device holds them (int8 weights count one byte each)."""
+        if self.quantization is not None:
+            return int(self.quantization.int8_mb * 1e6)
+        if self._module is not None:
+            state = self._module.state_dict()
+        else:
+            state = {**self.program.state_dict, **getattr(self.program, "constants", {})}
+        return sum(t.numel() * t.element_size() for k, t in state.items()
+                   if hasattr(t, "numel") and not k.endswith("num_batches_tracked"))
+
     def perturbed(self) -> "LoadedModel":
         """A copy with one weight changed: deployed against this model's reference, the check
         must fail. It proves on a real device that the check can fail (`deploy --perturb`)."""

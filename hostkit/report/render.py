@@ -13,9 +13,11 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from hostkit.report.compare import Change
 from hostkit.report.results import RunResult
 
-__all__ = ["deploy_summary", "bench_table", "devices_table", "to_json", "write_csv", "LEGEND",
+__all__ = ["deploy_summary", "bench_table", "devices_table", "compare_table", "to_json",
+           "write_csv", "LEGEND",
            "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
@@ -25,7 +27,7 @@ LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the er
 CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
               "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
               "top5_match", "compile_s", "upload_s",
-              "load_s", "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
+              "load_s", "first_inference_ms", "memory_mb", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
               "artifact_sha256"]
 
 
@@ -67,6 +69,7 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         ("upload", "already on device" if result.uploaded is False else _sec(result.upload_s)),
         ("load", _sec(result.load_s)),
         ("first inference", f"{_ms(result.first_inference_ms)} ms"),
+        ("memory", _memory(result)),
     ]
     if result.max_abs_diff is not None:
         cosine = "-" if result.cosine is None else f"{result.cosine:.6f}"
@@ -86,6 +89,15 @@ def deploy_summary(console: Console, result: RunResult) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _memory(result: RunResult) -> str:
+    m = result.memory
+    if not m:
+        return "-"
+    peak = (f"peak {result.memory_mb:.1f} MB above the session's idle {m['idle_rss_mb']:.0f} MB · "
+            if result.memory_mb is not None and "idle_rss_mb" in m else "")
+    return f"{peak}library {m['artifact_mb']:.1f} MB · weights {m['params_mb']:.1f} MB"
 
 
 def _precision(result: RunResult) -> str:
@@ -119,7 +131,7 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
     table = Table(title="edgekit bench", title_justify="left")
     for name, justify in [("device", "left"), ("model", "left"), ("status", "left"),
                           ("p50 ms", "right"), ("p90 ms", "right"), ("mean ± std", "right"),
-                          ("n", "right"), ("first ms", "right"), ("load", "right"),
+                          ("n", "right"), ("first ms", "right"), ("load", "right"), ("peak MB", "right"),
                           ("rel err", "right"), ("tuned", "left"), ("target / error", "left")]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in results:
@@ -130,10 +142,36 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                       _ms(lat.p90 if lat else None),
                       f"{_ms(lat.mean)} ± {_ms(lat.std)}" if lat else "-",
                       str(lat.n) if lat else "-", _ms(r.first_inference_ms), _sec(r.load_s),
+                      "-" if r.memory_mb is None else f"{r.memory_mb:.0f}",
                       _diff(r.rel_err), "yes" if r.tuned else "no", tail)
     console.print(table)
     failed = sum(1 for r in results if not r.ok)
     console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")
+
+
+def compare_table(console: Console, changes: Sequence[Change], max_slowdown: float) -> None:
+    table = Table(title="edgekit compare", title_justify="left")
+    for name, justify in [("device", "left"), ("model", "left"), ("old p50", "right"),
+                          ("new p50", "right"), ("change", "right"), ("noise", "right"),
+                          ("verdict", "left")]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for c in changes:
+        if c.only_in:
+            verdict = f"[yellow]only in the {c.only_in} run[/yellow]"
+        elif c.regressed:
+            why = [f"slower by more than {max_slowdown:g}%"] if c.slower else []
+            verdict = "[red]" + "; ".join([*why, *([c.worse_check] if c.worse_check else [])]) \
+                + "[/red]"
+        else:
+            verdict = "[green]ok[/green]"
+        table.add_row(c.device, c.model, _ms(c.old_p50), _ms(c.new_p50),
+                      "-" if c.change is None else f"{c.change:+.1%}",
+                      "-" if c.noise_ms is None else f"±{c.noise_ms:.2f}", verdict)
+    console.print(table)
+    bad = sum(1 for c in changes if c.regressed)
+    console.print(f"{bad} regressed of {len(changes)}. A row regresses when its p50 grew by more "
+                  f"than {max_slowdown:g}% and by more than the noise (twice the standard error "
+                  "of the difference), or its check against PyTorch got worse.", style="dim")
 
 
 def devices_table(console: Console, rows: Iterable[dict[str, Any]]) -> None:

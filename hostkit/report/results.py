@@ -62,6 +62,8 @@ class RunResult:
     upload_s: float | None = None
     load_s: float | None = None
     first_inference_ms: float | None = None
+    memory_mb: float | None = None  # peak resident memory of the device session above its idle
+    memory: dict[str, float] = field(default_factory=dict)  # artifact, weights, idle, peak (MB)
     latency_ms: Latency | None = None
     device_info: dict[str, Any] = field(default_factory=dict)
 

@@ -124,6 +124,20 @@ def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int]
     return progress
 
 
+def _check_fits(device: str, model: str, library: int, params: int, available: int) -> None:
+    """Refuse, before any upload, a model the device has no room for (0: the device did not say).
+
+    The library is mapped, and its constants are copied into tensors at load: a model needs its
+    library and its weights once more, plus activations.
+    """
+    need = library + params
+    if available and need > available:
+        raise RemoteError(f"{model} needs about {need / 1e6:.0f} MB on the device (library "
+                          f"{library / 1e6:.0f} MB + weights {params / 1e6:.0f} MB) but it has "
+                          f"{available / 1e6:.0f} MB available", device=device, stage="memory",
+                          hint="free memory on the board, or deploy a smaller or int8 model")
+
+
 def _fail(result: RunResult, exc: EdgekitError) -> None:
     result.status = "failed"
     result.error = exc.message + (f" ({exc.hint})" if exc.hint else "")
@@ -157,6 +171,13 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         if model.quantization is not None:
             result.quantization = {**dataclasses.asdict(model.quantization), **(artifact.int8 or {})}
 
+        params = model.params_bytes()
+        result.memory = {"artifact_mb": round(artifact.size / 1e6, 2),
+                         "params_mb": round(params / 1e6, 2)}
+        _check_fits(device.name, model.name, artifact.size, params,
+                    int(result.device_info.get("memory_available_bytes") or 0))
+        idle = session.memory()
+
         note(device.name, spec.name, f"uploading {artifact.size / 1e6:.1f} MB")
         sent, upload_s = session.ensure_artifact(artifact.path, artifact.sha256,
                                                  _upload_progress(device.name, spec.name, note))
@@ -179,6 +200,11 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
 
         note(device.name, spec.name, f"benchmarking ({options.repeat} runs)")
         result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
+        busy = session.memory()
+        if idle and busy:
+            result.memory.update(idle_rss_mb=round(idle["rss_bytes"] / 1e6, 1),
+                                 peak_rss_mb=round(busy["peak_bytes"] / 1e6, 1))
+            result.memory_mb = round(max(0, busy["peak_bytes"] - idle["rss_bytes"]) / 1e6, 1)
         if not check.passed(options.rtol):
             raise RemoteError(check.reason(options.rtol), device=device.name, stage="check")
         result.status = "ok"

@@ -52,6 +52,15 @@ class DeviceSession:
         info: dict[str, Any] = json.loads(raw)
         return info
 
+    def memory(self) -> dict[str, int] | None:
+        """The session process's resident memory and peak on the device (None: an older daemon)."""
+        try:
+            raw = self.sess.get_function("edgekit.memory")()
+        except Exception:
+            return None
+        memory: dict[str, int] = json.loads(raw)
+        return memory
+
     def has_artifact(self, sha256: str) -> bool:
         return bool(self.sess.get_function("edgekit.artifact_has")(sha256))
 
