@@ -53,6 +53,39 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     def _info() -> str:
         return json.dumps(device_info())
 
+    kernel_times: dict[str, list] = {}  # symbol -> [calls, seconds, argument shapes]
+    started: list[float] = []
+
+    @tvm_ffi.register_global_func("edgekit.profile_instrument", override=True)
+    def _instrument(_func: object, symbol: str, before: bool, _ret: object, *args: object) -> int:
+        """The Relax VM calls this around every call it makes: time each kernel on the device."""
+        if before:
+            started.append(time.perf_counter())
+            return 0
+        elapsed = time.perf_counter() - started.pop()
+        entry = kernel_times.get(symbol)
+        if entry is None:
+            shapes = [list(getattr(a, "shape", ())) for a in args]
+            entry = kernel_times[symbol] = [0, 0.0, shapes]
+        entry[0] += 1
+        entry[1] += elapsed
+        return 0
+
+    @tvm_ffi.register_global_func("edgekit.profile_attach", override=True)
+    def _attach(vm_module: object) -> None:
+        """Put the instrument on a VM the host loaded in this session (a function cannot travel
+        over RPC, the VM's module can)."""
+        vm_module["set_instrument"](  # type: ignore[index]
+            tvm_ffi.get_global_func("edgekit.profile_instrument"))
+
+    @tvm_ffi.register_global_func("edgekit.profile_take", override=True)
+    def _take() -> str:
+        """The kernel times gathered since the last call, as JSON; the record starts anew."""
+        report = {k: {"calls": v[0], "seconds": v[1], "shapes": v[2]}
+                  for k, v in kernel_times.items()}
+        kernel_times.clear()
+        return json.dumps(report)
+
     @tvm_ffi.register_global_func("edgekit.memory", override=True)
     def _memory() -> str:
         """This session's resident memory and its peak (each session is a process of its own)."""

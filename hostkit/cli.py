@@ -114,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", parents=[common, run], help="compile, ship, run and check a model")
     dep.add_argument("--device", "-d", required=True, help="device name from the inventory")
     dep.add_argument("model", help="torchvision model name or path to a .pt2 ExportedProgram")
+    dep.add_argument("--profile", action="store_true",
+                     help="also time every kernel on the device (see `edgekit profile`)")
+
+    prof = sub.add_parser("profile", parents=[common, run],
+                          help="deploy, then time every kernel on the device: where the time goes")
+    prof.add_argument("--device", "-d", required=True, help="device name from the inventory")
+    prof.add_argument("model", help="torchvision model name or path to a .pt2 ExportedProgram")
+    prof.add_argument("--runs", type=_positive, default=5, help="inferences profiled (default 5)")
+    prof.add_argument("--all", action="store_true", help="every kernel, not only the top 20")
+    prof.add_argument("--csv", type=Path, default=None, metavar="FILE", help="every row as CSV")
 
     bench = sub.add_parser("bench", parents=[common, run], help="benchmark models across devices")
     pick = bench.add_mutually_exclusive_group()
@@ -211,8 +221,11 @@ def _with_flags(device: Device, args: argparse.Namespace) -> Device:
 def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> list[Any]:
     from hostkit.run.deploy import RunOptions, run_fleet
 
+    profile_runs = args.runs if args.command == "profile" else \
+        (5 if getattr(args, "profile", False) else 0)
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, rtol=args.rtol,
-                         use_tuning=not args.no_tuning, perturb=args.perturb)
+                         use_tuning=not args.no_tuning, perturb=args.perturb,
+                         profile_runs=profile_runs)
     specs = _specs(args, models)
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:
@@ -234,6 +247,25 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(to_json(result.to_json()))
     elif result.ok or result.max_abs_diff is not None:
         deploy_summary(_console(args), result)  # a failed check still shows what was measured
+    if not result.ok and not args.json:
+        print(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage})",
+              file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hostkit.report.render import deploy_summary, profile_table, to_json, write_profile_csv
+
+    device = _inventory(args).get(args.device)
+    (result,) = _run(args, [device], [args.model])
+    if args.csv and result.profile:
+        write_profile_csv(args.csv, result.profile)
+    if args.json:
+        print(to_json(result.to_json()))
+    elif result.profile:
+        profile_table(_console(args), result, None if args.all else 20)
+    elif result.max_abs_diff is not None:
+        deploy_summary(_console(args), result)
     if not result.ok and not args.json:
         print(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage})",
               file=sys.stderr)
@@ -399,7 +431,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "deploy": cmd_deploy, "bench": cmd_bench, "devices": cmd_devices, "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
-    "compare": cmd_compare,
+    "compare": cmd_compare, "profile": cmd_profile,
 }
 
 

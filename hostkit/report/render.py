@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hostkit.report.compare import Change
@@ -149,6 +150,46 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
     console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")
 
 
+PROFILE_FIELDS = ["name", "symbol", "calls", "total_ms", "mean_ms", "share", "gflops", "tuned"]
+
+
+def profile_table(console: Console, result: RunResult, top: int | None) -> None:
+    profile = result.profile or {}
+    rows = profile.get("rows", [])
+    emulated = " [yellow](emulated board: qemu timings)[/yellow]" if result.emulated else ""
+    table = Table(title=f"edgekit profile: {result.model} on {result.device}, per inference over "
+                        f"{profile.get('runs')} runs{emulated}", title_justify="left")
+    for name, justify in [("kernel", "left"), ("calls", "right"), ("total ms", "right"),
+                          ("mean ms", "right"), ("share", "right"), ("GFLOP/s", "right"),
+                          ("tuned", "left")]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in rows[:top] if top else rows:
+        table.add_row(escape(row["name"]), f"{row['calls']:g}", f"{row['total_ms']:.3f}",
+                      f"{row['mean_ms']:.3f}", f"{row['share']:.1%}",
+                      "-" if row["gflops"] is None else f"{row['gflops']:.1f}",
+                      "yes" if row["tuned"] else "no")
+    console.print(table)
+    shown = f"top {top} of {len(rows)} rows (--all for every row). " if top and len(rows) > top \
+        else ""
+    end = profile.get("end_to_end_ms")
+    gap = profile.get("unaccounted")
+    tail = (f"kernels sum to {profile.get('kernels_ms', 0):.2f} ms against {end:.2f} ms end to end "
+            f"(p50 without timing each kernel): {abs(gap):.1%} "
+            + ("not accounted for by kernels (VM dispatch, copies)" if gap >= 0 else
+               "more, the cost of timing every call") if end and gap is not None else "")
+    console.print(f"{shown}{tail}", style="dim")
+
+
+def write_profile_csv(path: Path, profile: dict[str, Any]) -> None:
+    """Every kernel row, all or nothing."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PROFILE_FIELDS)
+    writer.writeheader()
+    for row in profile.get("rows", []):
+        writer.writerow({k: row.get(k) for k in PROFILE_FIELDS})
+    _write_atomic(path, buffer.getvalue())
+
+
 def compare_table(console: Console, changes: Sequence[Change], max_slowdown: float) -> None:
     table = Table(title="edgekit compare", title_justify="left")
     for name, justify in [("device", "left"), ("model", "left"), ("old p50", "right"),
@@ -212,8 +253,12 @@ def write_csv(path: Path, results: Sequence[RunResult]) -> None:
     writer.writeheader()
     for r in results:
         writer.writerow(_csv_row(r))
+    _write_atomic(path, buffer.getvalue())
+
+
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(text)
     os.replace(tmp, path)

@@ -64,6 +64,7 @@ class RunResult:
     first_inference_ms: float | None = None
     memory_mb: float | None = None  # peak resident memory of the device session above its idle
     memory: dict[str, float] = field(default_factory=dict)  # artifact, weights, idle, peak (MB)
+    profile: dict[str, Any] | None = None  # per-kernel times on the device (hostkit.run.profile)
     latency_ms: Latency | None = None
     device_info: dict[str, Any] = field(default_factory=dict)
 

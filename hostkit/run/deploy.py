@@ -42,6 +42,8 @@ class RunOptions:
     use_tuning: bool = True
     # Deploy a copy with one weight changed, against the unchanged reference: the check must fail.
     perturb: bool = False
+    # Inferences to time kernel by kernel after the benchmark (0: no profile).
+    profile_runs: int = 0
 
 
 class _ModelCache:
@@ -200,6 +202,13 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
 
         note(device.name, spec.name, f"benchmarking ({options.repeat} runs)")
         result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
+        if options.profile_runs:
+            from hostkit.run.profile import kernel_rows
+
+            note(device.name, spec.name, f"profiling kernels ({options.profile_runs} runs)")
+            raw = loaded.kernel_times(session.sess, options.profile_runs)
+            result.profile = kernel_rows(raw, options.profile_runs, artifact.tuned,
+                                         result.latency_ms.p50).to_json()
         busy = session.memory()
         if idle and busy:
             result.memory.update(idle_rss_mb=round(idle["rss_bytes"] / 1e6, 1),

@@ -151,6 +151,22 @@ class LoadedRemote:
         return [r * 1e3 for r in results[warmup:]]
 
 
+    def kernel_times(self, sess: "RPCSession", runs: int) -> dict[str, Any]:
+        """Each VM call's time on the device over `runs` inferences, timed by the daemon's
+        instrument around every call the VM makes (TVM 0.27 has no VM profiler of its own)."""
+        try:
+            take = sess.get_function("edgekit.profile_take")
+            sess.get_function("edgekit.profile_attach")(self.vm.module)
+            take()
+            for _ in range(runs):
+                self.vm.invoke_stateful("main")
+            raw: dict[str, Any] = json.loads(take())
+        except Exception as exc:
+            raise RemoteError(f"profiling failed: {_device_error(exc)}", device=self.device,
+                              stage="profile") from exc
+        return raw
+
+
 def _flatten(value: Any) -> list[Any]:
     if isinstance(value, (tuple, list)):
         return [leaf for item in value for leaf in _flatten(item)]

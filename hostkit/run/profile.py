@@ -1,0 +1,123 @@
+"""Where the time goes: the device's per-kernel times turned into rows a user recognises.
+
+The daemon times every call the Relax VM makes (`edgekit.profile_instrument`); here each TIR
+kernel's symbol and argument shapes become a name like `conv2d 3x3 64->64 @56x56 (+ add, relu)`,
+with its calls and time per inference, share of the kernels' total, and GFLOP/s where the FLOPs
+follow from the shapes (convolutions in NCHW, matmuls). VM built-ins (allocation, shape checks) are
+one row. The kernels' sum is set against the end-to-end latency measured without the instrument,
+so the table says how much it does not account for.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["KernelRow", "Profile", "kernel_rows"]
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    name: str
+    symbol: str
+    calls: float  # per inference
+    total_ms: float  # per inference
+    mean_ms: float  # per call
+    share: float  # of the kernels' total
+    gflops: float | None
+    tuned: bool
+
+
+@dataclass(frozen=True)
+class Profile:
+    rows: list[KernelRow]
+    kernels_ms: float  # the rows' total per inference
+    end_to_end_ms: float | None  # p50 without the instrument
+    runs: int
+
+    @property
+    def unaccounted(self) -> float | None:
+        """The share of the end-to-end latency the kernels do not explain (negative: overhead of
+        timing each call)."""
+        if not self.end_to_end_ms:
+            return None
+        return 1.0 - self.kernels_ms / self.end_to_end_ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernels_ms": self.kernels_ms, "end_to_end_ms": self.end_to_end_ms,
+                "unaccounted": self.unaccounted, "runs": self.runs,
+                "rows": [row.__dict__ for row in self.rows]}
+
+
+def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
+                end_to_end_ms: float | None) -> Profile:
+    builtin_ms = builtin_calls = 0.0
+    rows = []
+    for symbol, entry in raw.items():
+        per_run_ms = entry["seconds"] * 1e3 / runs
+        calls = entry["calls"] / runs
+        if symbol.startswith("vm.builtin") or "." in symbol:
+            builtin_ms += per_run_ms
+            builtin_calls += calls
+            continue
+        rows.append((symbol, calls, per_run_ms, entry["shapes"]))
+    total = sum(r[2] for r in rows) + builtin_ms
+    out = [KernelRow(name=_pretty(symbol, shapes), symbol=symbol, calls=calls,
+                     total_ms=ms, mean_ms=ms / calls if calls else 0.0,
+                     share=ms / total if total else 0.0, gflops=_gflops(symbol, shapes, ms / calls
+                                                                        if calls else 0.0),
+                     tuned=tuned)
+           for symbol, calls, ms, shapes in rows]
+    if builtin_calls:
+        out.append(KernelRow("VM built-ins (allocation, shape checks)", "vm.builtin.*",
+                             builtin_calls, builtin_ms, builtin_ms / builtin_calls,
+                             builtin_ms / total if total else 0.0, None, False))
+    out.sort(key=lambda r: -r.total_ms)
+    return Profile(out, total, end_to_end_ms, runs)
+
+
+def _ops(symbol: str) -> list[str]:
+    # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
+    parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
+    known = ("conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+             "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
+             "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
+    ops, i = [], 0
+    while i < len(parts):
+        for width in (3, 2, 1):
+            word = "_".join(parts[i:i + width])
+            if word in known:
+                ops.append(word)
+                i += width
+                break
+        else:
+            i += 1
+    return ops or [symbol]
+
+
+def _pretty(symbol: str, shapes: list[list[int]]) -> str:
+    ops = _ops(symbol)
+    head, rest = ops[0], ops[1:]
+    tail = f" (+ {', '.join(dict.fromkeys(rest))})" if rest else ""
+    if head == "conv2d" and len(shapes) >= 3 and len(shapes[1]) == 4 and len(shapes[-1]) == 4:
+        w, out = shapes[1], shapes[-1]
+        return f"conv2d {w[2]}x{w[3]} {shapes[0][1]}->{w[0]} @{out[2]}x{out[3]}{tail}"
+    if head == "matmul" and len(shapes) >= 2:
+        return f"matmul {'x'.join(map(str, shapes[0]))} by {'x'.join(map(str, shapes[1]))}{tail}"
+    return f"{head}{tail}"
+
+
+def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float) -> float | None:
+    ops = _ops(symbol)
+    if not mean_ms or not shapes:
+        return None
+    flops = None
+    if ops[0] == "conv2d" and len(shapes) >= 3 and len(shapes[1]) == 4 and len(shapes[-1]) == 4:
+        out, w = shapes[-1], shapes[1]
+        flops = 2 * math.prod(out) * w[1] * w[2] * w[3]
+    elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2:
+        a, b = shapes[0], shapes[1]
+        flops = 2 * math.prod(a) * b[-1]
+    return round(flops / (mean_ms * 1e-3) / 1e9, 1) if flops else None

@@ -1,0 +1,42 @@
+"""`edgekit profile` on a real daemon: every kernel timed on the device, named, and adding up to
+the end-to-end latency."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostkit.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_profile_resnet18_adds_up(daemon: Any, write_inventory: Any, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    inv = write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
+                                               "port": daemon.port}}})
+    rows_csv = tmp_path / "kernels.csv"
+    assert main(["profile", "-i", str(inv), "-d", "dev", "resnet18", "--runs", "2", "--repeat",
+                 "3", "--warmup", "1", "--json", "--csv", str(rows_csv)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok", result["error"]
+    profile = result["profile"]
+    assert abs(profile["unaccounted"]) < 0.10, profile["unaccounted"]
+    names = [row["name"] for row in profile["rows"]]
+    assert any(name.startswith("conv2d 3x3 64->64 @56x56") for name in names), names
+    assert any(name.startswith("conv2d 7x7 3->64 @112x112") for name in names), names
+    convs = [row for row in profile["rows"] if row["name"].startswith("conv2d")]
+    assert sum(row["calls"] for row in convs) == 20, "ResNet-18 has 20 convolutions"
+    assert all(row["gflops"] and row["gflops"] > 0 for row in convs)
+    with rows_csv.open(encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == len(profile["rows"])
+
+    assert main(["profile", "-i", str(inv), "-d", "dev", "resnet18", "--runs", "1", "--repeat",
+                 "1", "--warmup", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "edgekit profile: resnet18 on dev" in text and "kernels sum to" in text
+    assert "top 20 of" in text

@@ -1,0 +1,31 @@
+"""Unit tests of the profile's rows: names users recognise, FLOPs from shapes, the gap."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostkit.run.profile import kernel_rows
+
+
+def test_rows_name_kernels_and_account_for_the_total() -> None:
+    raw = {
+        "conv2d3": {"calls": 6, "seconds": 0.060,
+                    "shapes": [[1, 64, 56, 56], [64, 64, 3, 3], [1, 64, 56, 56]]},
+        "fused_conv2d_add_relu1": {"calls": 2, "seconds": 0.010,
+                                   "shapes": [[1, 3, 32, 32], [16, 3, 3, 3], [1, 16, 1, 1],
+                                              [1, 16, 32, 32]]},
+        "matmul": {"calls": 2, "seconds": 0.002, "shapes": [[1, 512], [512, 1000], [1, 1000]]},
+        "vm.builtin.alloc_storage": {"calls": 40, "seconds": 0.0002, "shapes": []},
+    }
+    profile = kernel_rows(raw, runs=2, tuned=False, end_to_end_ms=40.0)
+    names = [row.name for row in profile.rows]
+    assert names[0] == "conv2d 3x3 64->64 @56x56" and profile.rows[0].calls == 3
+    assert "conv2d 3x3 3->16 @32x32 (+ add, relu)" in names
+    assert "matmul 1x512 by 512x1000" in names and names[-1].startswith("VM built-ins")
+    conv = profile.rows[0]
+    assert conv.total_ms == pytest.approx(30.0) and conv.mean_ms == pytest.approx(10.0)
+    flops = 2 * 64 * 56 * 56 * 64 * 9
+    assert conv.gflops == pytest.approx(flops / 0.010 / 1e9, rel=1e-3)
+    assert sum(row.share for row in profile.rows) == pytest.approx(1.0)
+    assert profile.kernels_ms == pytest.approx(36.1)
+    assert profile.unaccounted == pytest.approx(1 - 36.1 / 40.0)
