@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input
@@ -18,7 +18,7 @@ from hostkit.models.init import INIT_METHOD, live_init
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["available_models", "load_named", "BUILTIN_MODELS"]
+__all__ = ["available_models", "load_named", "preprocessing_for", "BUILTIN_MODELS"]
 
 DEFAULT_SHAPES = {"inception_v3": (1, 3, 299, 299)}
 DEFAULT_SHAPE = (1, 3, 224, 224)
@@ -72,6 +72,24 @@ def load_named(spec: ModelSpec) -> LoadedModel:
     identity = _hash_module(f"{spec.name}|{origin}", module, shape)
     return LoadedModel(name=spec.name, program=None, inputs=inputs, identity=identity,
                        _module=module)
+
+
+def preprocessing_for(name: str) -> dict[str, Any]:
+    """What a real image goes through before this model sees it: torchvision's transforms for
+    its classifiers (those of the architecture's trained weights), nothing for edgekit's own
+    models and saved programs, whose inputs are tensors as given."""
+    import torchvision
+
+    if name in BUILTIN_MODELS or name not in available_models():
+        return {"kind": "none", "note": "the input tensor is fed as given"}
+    try:
+        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, AttributeError):
+        return {"kind": "none", "note": "torchvision names no transforms for this model"}
+    return {"kind": "torchvision-image-classification", "resize": list(transforms.resize_size),
+            "crop": list(transforms.crop_size), "interpolation": transforms.interpolation.value,
+            "scale": "1/255", "mean": list(transforms.mean), "std": list(transforms.std),
+            "layout": "NCHW", "channels": "RGB"}
 
 
 def _load_weights(module: "torch.nn.Module", path: Path, name: str) -> None:
