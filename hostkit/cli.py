@@ -387,7 +387,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "deploy": cmd_deploy, "bench": cmd_bench, "export": cmd_export, "devices": cmd_devices, "models": cmd_models,
+    "deploy": cmd_deploy, "bench": cmd_bench, "export": cmd_export, "devices": cmd_devices,
+    "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
 }
 

@@ -81,7 +81,7 @@ def export_bundle(device: Device, spec: ModelSpec, out: Path, *, archive: bool =
         raise ExportError(f"the runner runs models on the CPU, but {device.name}'s target is "
                           f"{resolved.kind}", device=device.name, stage="target",
                           hint="export for a device with an llvm target")
-    c_compiler = check_cross_compiler(device, resolved)
+    c_compiler = check_cross_compiler(device, resolved, tar_fallback=False)
     cxx = cxx_for(device, resolved, c_compiler)
     _check_output(final, device.name)
     staging = _staging(final, device.name)
@@ -156,6 +156,10 @@ def _check_output(final: Path, device: str) -> None:
 def _staging(final: Path, device: str) -> Path:
     """A temporary folder beside the output (same filesystem, so the last step is a rename)."""
     parent = final.absolute().parent
+    blocking = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ExportError(f"cannot write the bundle under {parent}: {blocking} is a file",
+                          device=device, stage="write", hint="choose another -o")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
@@ -231,6 +235,7 @@ def _readme(manifest: dict[str, Any]) -> str:
     model = manifest["model"]
     ins = ", ".join(f"`{t['name']}` {t['dtype']} {t['shape']}" for t in model["inputs"])
     outs = ", ".join(f"`{t['name']}` {t['dtype']} {t['shape']}" for t in model["outputs"])
+    tvm = manifest["tvm"]["apache-tvm"]
     cmd = shlex.join(build_command(manifest["runner"]["compiler"], "TVM_FFI_INCLUDE"))
     return f"""# {model['name']} for {manifest['device']} ({manifest['arch']})
 
@@ -248,7 +253,7 @@ Give your own inputs as `.npy` files (or raw files of exactly the input's bytes)
 | file | what |
 |---|---|
 | `model.so` | the model compiled for {manifest['target_description']} |
-| `libtvm_runtime.so`, `libtvm_ffi.so` | TVM {manifest['tvm']['apache-tvm']}'s runtime for {manifest['arch']} |
+| `libtvm_runtime.so`, `libtvm_ffi.so` | TVM {tvm}'s runtime for {manifest['arch']} |
 | `{manifest['runner']['binary']}`, `runner.cc` | the runner and its source: an example to copy |
 | `manifest.json` | model, shapes, target, versions, and the sha256 of every file |
 

@@ -4,8 +4,9 @@
 //
 // Loads model.so next to this binary, starts the Relax VM on the CPU, feeds it one .npy (or raw)
 // file per input, writes output0.npy, output1.npy, ... to --out and, with --repeat, prints latency
-// percentiles. inputs.txt (beside the binary) lists what main takes, one "name dtype d0,d1,..." line
-// per input, so a wrong file is refused before the VM sees it. Exit code 0 ok, 1 error, 2 usage.
+// percentiles. inputs.txt (beside the binary) lists what main takes, a "name dtype d0,d1,..."
+// line per input, so a wrong file is refused before the VM sees it.
+// Exit code: 0 ok, 1 error (one line on stderr), 2 usage.
 //
 // Copy what you need: loading (LoadFromFile, vm_load_executable, vm_initialization) and calling
 // (main) are the only TVM calls; the rest is reading and writing arrays.
