@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="self-test of the check: deploy a copy with one weight changed; the "
                           "check against PyTorch must then report failed")
     run.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
+    run.add_argument("--runtime", choices=["python", "cpp"], default="python",
+                     help="cpp: also run the model through the `edgekit export` bundle's C++ "
+                          "runner on the device, checked and timed beside the Python daemon")
 
     parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
                                                  "with Apache TVM.")
@@ -190,7 +193,8 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
     from hostkit.run.deploy import RunOptions, run_fleet
 
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, rtol=args.rtol,
-                         use_tuning=not args.no_tuning, perturb=args.perturb)
+                         use_tuning=not args.no_tuning, perturb=args.perturb,
+                         runtime=args.runtime)
     specs = _specs(args, models)
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:

@@ -69,9 +69,13 @@ class Bundle:
         return str(self.manifest["run"])
 
 
-def export_bundle(device: Device, spec: ModelSpec, out: Path, *, archive: bool = False,
-                  use_tuning: bool = True, progress: Progress | None = None) -> Bundle:
-    """Write the bundle for `spec` on `device` to `out` (with archive: `out` + .tar.gz)."""
+def export_bundle(device: Device, model: ModelSpec | LoadedModel, out: Path, *,
+                  archive: bool = False, use_tuning: bool = True,
+                  progress: Progress | None = None) -> Bundle:
+    """Write the bundle for `model` on `device` to `out` (with archive: `out` + .tar.gz).
+
+    A ModelSpec is loaded only after the checks that take no time have passed.
+    """
     say = progress or (lambda _line: None)
     final = _final_path(out, archive)
     device = device.with_overrides(format="so")  # the runner loads a linked library
@@ -93,8 +97,9 @@ def export_bundle(device: Device, spec: ModelSpec, out: Path, *, archive: bool =
         for lib in runtime.libs:
             shutil.copyfile(lib, folder / lib.name)
             os.chmod(folder / lib.name, 0o755)
-        say(f"loading {spec.name}")
-        model = load_model(spec)
+        if isinstance(model, ModelSpec):
+            say(f"loading {model.name}")
+            model = load_model(model)
         _check_feedable(model, device.name)
         say("compiling the model (cached when unchanged)")
         from hostkit.build.tuning.records import records_for

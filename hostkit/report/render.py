@@ -26,7 +26,7 @@ CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_ke
               "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
               "top5_match", "compile_s", "upload_s",
               "load_s", "first_inference_ms", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
-              "artifact_sha256"]
+              "artifact_sha256", "cpp_p50_ms", "cpp_p90_ms", "cpp_rel_err"]
 
 
 def _ms(value: float | None) -> str:
@@ -81,6 +81,16 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         mark = " [yellow](emulated board: not board timings)[/yellow]" if result.emulated else ""
         rows.append(("latency", f"p50 {_ms(lat.p50)} ms · p90 {_ms(lat.p90)} ms · mean "
                                 f"{_ms(lat.mean)} ± {_ms(lat.std)} ms · n={lat.n}{mark}"))
+    cpp = result.cpp
+    if cpp is not None:
+        rows.append(("C++ runner", f"bundle {cpp.bundle_bytes / 1e6:.1f} MB · load "
+                                   f"{_ms(cpp.load_ms)} ms · first inference "
+                                   f"{_ms(cpp.first_inference_ms)} ms · relative error "
+                                   f"{_diff(cpp.rel_err)}"))
+        if cpp.latency_ms is not None:
+            c = cpp.latency_ms
+            rows.append(("C++ latency", f"p50 {_ms(c.p50)} ms · p90 {_ms(c.p90)} ms · mean "
+                                        f"{_ms(c.mean)} ± {_ms(c.std)} ms · n={c.n}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -97,15 +107,23 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                           ("n", "right"), ("first ms", "right"), ("load", "right"),
                           ("rel err", "right"), ("tuned", "left"), ("target / error", "left")]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    cpp = any(r.cpp is not None for r in results)
+    if cpp:  # --runtime cpp: the bundle's runner beside the daemon
+        table.add_column("C++ p50 ms", justify="right")
+        table.add_column("C++ rel err", justify="right")
     for r in results:
         lat = r.latency_ms
         device = f"{r.device}*" if r.emulated else r.device
         tail = r.target or "-" if r.ok else f"[red]{r.error}[/red]"
+        extra = []
+        if cpp:
+            c_lat = r.cpp.latency_ms if r.cpp else None
+            extra = [_ms(c_lat.p50 if c_lat else None), _diff(r.cpp.rel_err if r.cpp else None)]
         table.add_row(device, r.model, _status(r), _ms(lat.p50 if lat else None),
                       _ms(lat.p90 if lat else None),
                       f"{_ms(lat.mean)} ± {_ms(lat.std)}" if lat else "-",
                       str(lat.n) if lat else "-", _ms(r.first_inference_ms), _sec(r.load_s),
-                      _diff(r.rel_err), "yes" if r.tuned else "no", tail)
+                      _diff(r.rel_err), "yes" if r.tuned else "no", tail, *extra)
     console.print(table)
     failed = sum(1 for r in results if not r.ok)
     console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")
@@ -139,6 +157,10 @@ def _csv_row(r: RunResult) -> dict[str, Any]:
     lat = row.pop("latency_ms") or {}
     row.update({"p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "mean_ms": lat.get("mean"),
                 "std_ms": lat.get("std"), "n": lat.get("n")})
+    cpp = row.pop("cpp") or {}
+    cpp_lat = cpp.get("latency_ms") or {}
+    row.update({"cpp_p50_ms": cpp_lat.get("p50"), "cpp_p90_ms": cpp_lat.get("p90"),
+                "cpp_rel_err": cpp.get("rel_err")})
     return {k: row.get(k) for k in CSV_FIELDS}
 
 

@@ -41,6 +41,8 @@ class RunOptions:
     use_tuning: bool = True
     # Deploy a copy with one weight changed, against the unchanged reference: the check must fail.
     perturb: bool = False
+    # "cpp": also run the export bundle's C++ runner on the device (hostkit.run.cpp).
+    runtime: str = "python"
 
 
 class _ModelCache:
@@ -89,6 +91,8 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         for result in results:
             result.target = resolved.describe()
         cross_cc = check_cross_compiler(device, resolved)
+        if options.runtime == "cpp":
+            _check_cpp(device, resolved)
         note(device.name, "*", f"connecting to {device.address}")
         with make_transport(device) as transport:
             session = DeviceSession(transport, transport.session())
@@ -108,6 +112,18 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
             if result.status != "ok" and result.error is None:
                 result.error, result.stage = f"unexpected error: {exc}", "internal"
     return results
+
+
+def _check_cpp(device: Device, resolved: "ResolvedTarget") -> None:
+    """What the C++ runner needs, checked before anything is compiled or connected: a way to
+    start it on the device, and compilers for a linked library (the bundle's) and the runner."""
+    from hostkit.build.targets import check_cross_compiler
+    from hostkit.export.runner import cxx_for
+    from hostkit.run.cpp import check_cpp_runnable
+
+    check_cpp_runnable(device)
+    linked = device.with_overrides(format="so")
+    cxx_for(device, resolved, check_cross_compiler(linked, resolved, tar_fallback=False))
 
 
 def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int], None]:
@@ -175,6 +191,16 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
         if not check.passed(options.rtol):
             raise RemoteError(check.reason(options.rtol), device=device.name, stage="check")
+        if options.runtime == "cpp":
+            from hostkit.run.cpp import run_cpp
+
+            note(device.name, spec.name, f"C++ runner: export, ship, run ({options.repeat} runs)")
+            result.cpp, cpp_check = run_cpp(device, model, reference, options.repeat,
+                                            options.warmup, options.use_tuning,
+                                            export_lock=models.compile_lock)
+            if not cpp_check.passed(options.rtol):
+                raise RemoteError(f"C++ runner: {cpp_check.reason(options.rtol)}",
+                                  device=device.name, stage="cpp-check")
         result.status = "ok"
     except EdgekitError as exc:
         _fail(result, exc)
