@@ -22,8 +22,10 @@ import pytest
 from devicekit.info import elf_machine
 from hostkit.cli import main
 from hostkit.errors import ExportError
+from hostkit.export import export_bundle
 from hostkit.export.runtime import runtime_for
-from hostkit.models import ModelSpec, load_model, preprocessing_for
+from hostkit.inventory import Device
+from hostkit.models import LoadedModel, ModelSpec, load_model, preprocessing_for
 from hostkit.run.check import compare_outputs
 
 LOCAL = {"devices": {"local": {"target": {"kind": "llvm"}, "managed": "local"}}}
@@ -127,6 +129,18 @@ def test_runner_refuses_an_input_it_cannot_feed(local_bundle: Path, tmp_path: Pa
 
 
 @pytest.mark.integration
+def test_runner_reads_raw_inputs_too(local_bundle: Path, tmp_path: Path) -> None:
+    sample = local_bundle / "sample" / "input0.npy"
+    np.load(sample).tofile(tmp_path / "input0.raw")
+    for given, out in ((str(sample), "npy"), ("input0.raw", "raw")):
+        (tmp_path / out).mkdir()
+        done = _runner(local_bundle, given, "--out", out, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "raw" / "output0.npy"),
+                                  np.load(tmp_path / "npy" / "output0.npy"))
+
+
+@pytest.mark.integration
 def test_runner_says_how_many_inputs_it_takes(local_bundle: Path, tmp_path: Path) -> None:
     done = _runner(local_bundle, cwd=tmp_path)
     assert done.returncode == 1
@@ -199,6 +213,16 @@ def test_missing_cxx_cross_compiler_is_one_line(write_inventory: Any, tmp_path: 
     assert _one_error_line(capsys) == (
         "edgekit: error: pi4: C++ compiler aarch64-only-g++ for the runner (aarch64) not found; "
         "install it with `apt-get install g++-aarch64-linux-gnu`")
+
+
+def test_a_model_the_runner_cannot_feed_is_refused_before_compiling(tmp_path: Path) -> None:
+    model = LoadedModel(name="complexnet", program=None, identity="0" * 64,
+                        inputs=[np.zeros((2, 2), np.complex64)])
+    device = Device(name="local", target={"kind": "llvm"})
+    with pytest.raises(ExportError, match="the runner cannot feed complexnet: input 0 is "
+                                          "complex64, and it reads float32, "):
+        export_bundle(device, model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
 
 
 def test_no_runtime_for_an_architecture_without_wheels() -> None:
