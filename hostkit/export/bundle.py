@@ -28,6 +28,7 @@ from devicekit.store import file_sha256
 from hostkit import __version__
 from hostkit.build.compiler import build_artifact
 from hostkit.build.targets import ResolvedTarget, check_cross_compiler, resolve_target
+from hostkit.build.tuning.records import records_for
 from hostkit.errors import EdgekitError, ExportError
 from hostkit.export.runner import (
     RUNNER_NAME,
@@ -102,8 +103,6 @@ def export_bundle(device: Device, model: ModelSpec | LoadedModel, out: Path, *,
             model = load_model(model)
         _check_feedable(model, device.name)
         say("compiling the model (cached when unchanged)")
-        from hostkit.build.tuning.records import records_for
-
         tuning = records_for(model, resolved) if use_tuning else None
         artifact = build_artifact(model, resolved, fmt="so", cross_compiler=c_compiler,
                                   tuning=tuning, device=device.name)

@@ -121,6 +121,7 @@ static ffi::Tensor ReadInput(const std::string& path, const Spec& want, size_t i
     if (dtype.empty()) throw Failure(path + " has numpy dtype '" + code + "', unsupported");
     shape.clear();
     size_t s = header.find("'shape': (");
+    if (s == std::string::npos) throw Failure(path + " has no shape in its .npy header");
     std::istringstream dims(header.substr(s + 10, header.find(')', s) - s - 10));
     for (std::string dim; std::getline(dims, dim, ',');)
       if (dim.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(dim));
