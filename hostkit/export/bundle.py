@@ -37,7 +37,13 @@ from hostkit.export.runner import (
     compiler_version,
     cxx_for,
 )
-from hostkit.export.runtime import RUNTIME_LIBS, Runtime, runtime_for, tvm_versions
+from hostkit.export.runtime import (
+    RUNTIME_LIBS,
+    Runtime,
+    check_runtime_exists,
+    runtime_for,
+    tvm_versions,
+)
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model, preprocessing_for
 
@@ -86,6 +92,7 @@ def export_bundle(device: Device, model: ModelSpec | LoadedModel, out: Path, *,
         raise ExportError(f"the runner runs models on the CPU, but {device.name}'s target is "
                           f"{resolved.kind}", device=device.name, stage="target",
                           hint="export for a device with an llvm target")
+    check_runtime_exists(resolved.arch, device.name)
     c_compiler = check_cross_compiler(device, resolved, tar_fallback=False)
     cxx = cxx_for(device, resolved, c_compiler)
     _check_output(final, device.name)

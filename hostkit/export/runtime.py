@@ -27,7 +27,8 @@ from hostkit.build.targets import arch_of_triple
 from hostkit.defaults import cache_dir
 from hostkit.errors import ExportError
 
-__all__ = ["Runtime", "RUNTIME_LIBS", "runtime_for", "tvm_versions", "WHEEL_PLATFORMS"]
+__all__ = ["Runtime", "RUNTIME_LIBS", "runtime_for", "check_runtime_exists", "tvm_versions",
+           "WHEEL_PLATFORMS"]
 
 # The wheel each library comes from, and its path inside that wheel.
 RUNTIME_LIBS = {
@@ -62,6 +63,16 @@ def _installed(package: str, relative: str) -> Path:
     return path
 
 
+def check_runtime_exists(arch: str, device: str | None = None) -> None:
+    """An ExportError, before anything is fetched or compiled, for an architecture that has
+    neither this machine's runtime nor a wheel to take one from."""
+    if arch != arch_of_triple(platform.machine()) and arch not in WHEEL_PLATFORMS:
+        raise ExportError(f"apache-tvm publishes no wheel for {arch}, so edgekit has no TVM "
+                          f"runtime to ship for it", device=device, stage="runtime",
+                          hint="build libtvm_runtime.so for that board from TVM's source, or "
+                               "export for an aarch64 or x86_64 device")
+
+
 def runtime_for(arch: str, device: str | None = None) -> Runtime:
     """The runtime for `arch` (aarch64, x86_64, ...); another architecture's is fetched once."""
     include = _installed("apache-tvm-ffi", "tvm_ffi/include")
@@ -80,12 +91,8 @@ def runtime_for(arch: str, device: str | None = None) -> Runtime:
 
 def _fetch(arch: str, folder: Path, versions: dict[str, str], device: str | None) -> None:
     """Download the two wheels for arch's platform and keep only the runtime libraries."""
-    wheel_platform = WHEEL_PLATFORMS.get(arch)
-    if wheel_platform is None:
-        raise ExportError(f"apache-tvm publishes no wheel for {arch}, so edgekit has no TVM "
-                          f"runtime to ship for it", device=device, stage="runtime",
-                          hint="build libtvm_runtime.so for that board from TVM's source, or "
-                               "export for an aarch64 or x86_64 device")
+    check_runtime_exists(arch, device)
+    wheel_platform = WHEEL_PLATFORMS[arch]
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{arch}.", dir=folder.parent))
     try:

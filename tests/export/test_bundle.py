@@ -172,12 +172,16 @@ def test_archive_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
     ("pi5", "unknown device 'pi5'"),
     ("gpu", "the runner runs models on the CPU, but gpu's target is cuda "
             "(export for a device with an llvm target)"),
+    ("pi3", "pi3: apache-tvm publishes no wheel for arm, so edgekit has no TVM runtime to ship "
+            "for it (build libtvm_runtime.so for that board from TVM's source, or export for an "
+            "aarch64 or x86_64 device)"),
 ])
 def test_devices_it_cannot_export_for(device: str, needle: str, write_inventory: Any,
                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inventory = write_inventory({"devices": {
         "pi4": {"target": {"kind": "llvm"}},
-        "gpu": {"target": {"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm"}}}}})
+        "gpu": {"target": {"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm"}}},
+        "pi3": {"target": {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf"}}}})
     assert _export(inventory, tmp_path / "out", device=device) == 1
     assert needle in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
