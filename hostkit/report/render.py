@@ -16,11 +16,15 @@ from rich.table import Table
 from hostkit.report.results import RunResult
 
 __all__ = ["deploy_summary", "bench_table", "devices_table", "to_json", "write_csv", "LEGEND",
+           "CPP_LEGEND",
            "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
           "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
           "PyTorch's largest output magnitude. * = emulated board: timings are not board timings")
+
+CPP_LEGEND = ("C++: the export bundle's runner on the device (--runtime cpp), timed by the runner "
+              "itself (nearest-rank p50), checked against PyTorch like the daemon")
 
 CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
               "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
@@ -126,7 +130,8 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                       _diff(r.rel_err), "yes" if r.tuned else "no", tail, *extra)
     console.print(table)
     failed = sum(1 for r in results if not r.ok)
-    console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")
+    legend = f"{LEGEND}. {CPP_LEGEND}" if cpp else LEGEND
+    console.print(f"{len(results) - failed} ok, {failed} failed. {legend}", style="dim")
 
 
 def devices_table(console: Console, rows: Iterable[dict[str, Any]]) -> None:

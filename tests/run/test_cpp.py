@@ -37,6 +37,7 @@ def test_reports_show_the_runner_beside_the_daemon() -> None:
     assert ("bundle 6.2 MB · load 0.40 ms · first inference 0.90 ms · relative error 3.80e-07"
             in text)
     assert "p50 0.49 ms · p90 0.56 ms" in text and "C++ p50 ms" in text
+    assert "C++: the export bundle's runner on the device" in text
 
 
 @pytest.mark.integration
