@@ -16,8 +16,7 @@ from rich.table import Table
 from hostkit.report.results import RunResult
 
 __all__ = ["deploy_summary", "bench_table", "devices_table", "to_json", "write_csv", "LEGEND",
-           "CPP_LEGEND",
-           "CSV_FIELDS"]
+           "CPP_LEGEND", "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
           "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
