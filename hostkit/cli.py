@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                           "check against PyTorch must then report failed")
     run.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
     _quant_flags(run)
+    run.add_argument("--runtime", choices=["python", "cpp"], default="python",
+                     help="cpp: also run the model through the `edgekit export` bundle's C++ "
+                          "runner on the device, checked and timed beside the Python daemon")
 
     parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
                                                  "with Apache TVM.")
@@ -132,6 +135,20 @@ def _parser() -> argparse.ArgumentParser:
     pick.add_argument("--all-devices", action="store_true", help="every device in the inventory")
     bench.add_argument("models", nargs="*", default=None, help="models (default resnet18)")
     bench.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write CSV")
+
+    exp = sub.add_parser("export", parents=[common],
+                         help="write a bundle that runs the model on the board without Python")
+    exp.add_argument("--device", "-d", required=True, help="device name from the inventory")
+    exp.add_argument("model", help="torchvision model name or path to a .pt2 ExportedProgram")
+    exp.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                     help="the bundle folder to write (must not exist, or be empty)")
+    exp.add_argument("--archive", action="store_true",
+                     help="write DIR.tar.gz instead, byte-for-byte reproducible")
+    exp.add_argument("--weights", type=Path, default=None, help="a state dict for the model")
+    exp.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
+                     help="input shape, e.g. 1,3,224,224")
+    exp.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
+    _quant_flags(exp)
 
     sub.add_parser("devices", parents=[common], help="list devices and whether they answer")
     sub.add_parser("models", parents=[common], help="list the model names edgekit knows")
@@ -225,7 +242,7 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
         (5 if getattr(args, "profile", False) else 0)
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, rtol=args.rtol,
                          use_tuning=not args.no_tuning, perturb=args.perturb,
-                         profile_runs=profile_runs)
+                         profile_runs=profile_runs, runtime=args.runtime)
     specs = _specs(args, models)
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:
@@ -292,6 +309,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         bench_table(_console(args), results)
     return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hostkit.export import export_bundle
+
+    device = _inventory(args).get(args.device)
+    (spec,) = _specs(args, [args.model])
+    console = _progress_console()
+    with console.status("starting", spinner="dots") as status:
+        def step(what: str) -> None:
+            status.update(f"[bold]{device.name} · {args.model}[/bold]: {what}")
+            if not console.is_terminal:
+                console.print(f"{device.name} · {args.model}: {what}", style="dim")
+
+        bundle = export_bundle(device, spec, args.output, archive=args.archive,
+                               use_tuning=not args.no_tuning, progress=step)
+    if args.json:
+        print(to_json_plain({"path": str(bundle.path), "archive": bundle.archive,
+                             "bytes": bundle.size, "sha256": bundle.sha256,
+                             "manifest": bundle.manifest}))
+        return 0
+    out = _console(args)
+    manifest = bundle.manifest
+    tuned = f"tuned ({manifest['tuned_kernels']})" if manifest["tuned"] else "untuned"
+    out.print(f"[green]exported[/green] {manifest['model']['name']} for {device.name} "
+              f"({manifest['arch']}, {tuned}) to {bundle.path}: {bundle.size / 1e6:.1f} MB"
+              + (f", sha256 {bundle.sha256}" if bundle.sha256 else ""))
+    for name, size in sorted(bundle.files.items()):
+        out.print(f"  {name:<24} {size / 1e6:8.2f} MB", style="dim")
+    where = f"tar xzf {bundle.path.name} && cd {bundle.path.name[:-7]}" if bundle.archive \
+        else f"cd {bundle.path}"
+    out.print(f"on the board: {where} && {bundle.command}")
+    return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -429,7 +479,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "deploy": cmd_deploy, "bench": cmd_bench, "devices": cmd_devices, "models": cmd_models,
+    "deploy": cmd_deploy, "bench": cmd_bench, "export": cmd_export, "devices": cmd_devices,
+    "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
     "compare": cmd_compare, "profile": cmd_profile,
 }

@@ -8,7 +8,8 @@
     ├── ConnectError             the device cannot be reached, or its TVM does not match
     ├── TransferError            an artifact did not reach the device intact
     ├── RemoteError              loading or running on the device failed
-    └── TuneError                tuning found no valid candidate, or its records are unusable
+    ├── TuneError                tuning found no valid candidate, or its records are unusable
+    └── ExportError              a bundle cannot be made: its folder, the runtime, the runner
 
 Foreign exceptions (TVM, torch, paramiko, sockets) are mapped at the seam that calls them,
 always with `raise ... from exc`, so the cause stays in the debug log.
@@ -26,6 +27,7 @@ __all__ = [
     "TransferError",
     "RemoteError",
     "TuneError",
+    "ExportError",
     "first_line",
 ]
 
@@ -77,6 +79,10 @@ class RemoteError(EdgekitError):
 
 class TuneError(EdgekitError):
     """Tuning found no valid candidate, or its records are unusable."""
+
+
+class ExportError(EdgekitError):
+    """A bundle cannot be made: its output folder, the TVM runtime for the device, the runner."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   gcc g++ libc6-dev                               # TVM links .so artifacts with g++ by default
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross     # cross-links for 64-bit ARM boards
   gcc-arm-linux-gnueabihf libc6-dev-armhf-cross   # and for 32-bit ARM (armv7, hard float)
+  g++-aarch64-linux-gnu                           # builds `edgekit export`'s C++ runner for arm64
   debootstrap qemu-user-static                    # the emulated Raspberry Pi 4 (arm64)
   iproute2 util-linux mount coreutils             # its network namespace and mounts
   ca-certificates                                 # pip and debootstrap over https

@@ -19,7 +19,7 @@ RANKS = {
     "foundation": 0,
     "models": 1, "report": 1,
     "build": 2, "boards": 2,
-    "transport": 3,
+    "transport": 3, "export": 3,
     "run": 4, "fleet": 4,
     "cli": 5,
 }

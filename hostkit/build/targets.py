@@ -113,11 +113,13 @@ def _explain(spec: Any, exc: Exception) -> str:
     return f"target {json.dumps(spec)} is rejected by TVM: {first.strip()[:200]}"
 
 
-def check_cross_compiler(device: Device, resolved: ResolvedTarget) -> str | None:
+def check_cross_compiler(device: Device, resolved: ResolvedTarget,
+                         tar_fallback: bool = True) -> str | None:
     """The compiler to link the device's `.so` with, or None to use this machine's default.
 
     A missing compiler or one that builds for another triple is a TargetError naming the Debian
-    package to install, raised before minutes of compiling are spent.
+    package to install, raised before minutes of compiling are spent. `tar_fallback` says whether
+    `--format tar` is a way out (not for an export, whose runner loads a linked library).
     """
     if device.format == "tar":
         return None
@@ -131,9 +133,9 @@ def check_cross_compiler(device: Device, resolved: ResolvedTarget) -> str | None
                           "cross_compiler in the inventory", device=device.name, stage="toolchain")
     install = f"install it with `apt-get install {package}`" if package else "install it"
     if shutil.which(compiler) is None:
-        raise TargetError(f"cross compiler {compiler} for {resolved.triple} not found; {install}, "
-                          "or use --format tar to let the board link", device=device.name,
-                          stage="toolchain")
+        tar = ", or use --format tar to let the board link" if tar_fallback else ""
+        raise TargetError(f"cross compiler {compiler} for {resolved.triple} not found; {install}"
+                          f"{tar}", device=device.name, stage="toolchain")
     try:
         machine = subprocess.run([compiler, "-dumpmachine"], capture_output=True, text=True,
                                  timeout=30, check=True).stdout.strip()

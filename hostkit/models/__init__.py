@@ -13,10 +13,10 @@ from pathlib import Path
 
 from hostkit.errors import ModelError
 from hostkit.models.base import DEFAULT_SEED, LoadedModel, ModelSpec
-from hostkit.models.zoo import BUILTIN_MODELS, available_models
+from hostkit.models.zoo import BUILTIN_MODELS, available_models, preprocessing_for
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "available_models", "BUILTIN_MODELS",
-           "DEFAULT_SEED"]
+           "DEFAULT_SEED", "preprocessing_for"]
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

@@ -88,6 +88,12 @@ class LoadedModel:
         return sum(t.numel() * t.element_size() for k, t in state.items()
                    if hasattr(t, "numel") and not k.endswith("num_batches_tracked"))
 
+    def io_names(self) -> tuple[list[str], list[str]]:
+        """The program's own names for its inputs and outputs, in the order main takes and
+        returns them (an export's manifest shows them)."""
+        signature = self.exported().graph_signature
+        return [str(n) for n in signature.user_inputs], [str(n) for n in signature.user_outputs]
+
     def perturbed(self) -> "LoadedModel":
         """A copy with one weight changed: deployed against this model's reference, the check
         must fail. It proves on a real device that the check can fail (`deploy --perturb`)."""

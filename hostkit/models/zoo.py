@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["available_models", "families", "family_of", "load_named", "transforms_for",
-           "BUILTIN_MODELS",
-           "FAMILIES"]
+           "preprocessing_for", "BUILTIN_MODELS", "FAMILIES"]
 
 DEFAULT_SHAPES = {"inception_v3": (1, 3, 299, 299)}
 DEFAULT_SHAPE = (1, 3, 224, 224)
@@ -125,6 +125,26 @@ def _has_image(spec: ModelSpec) -> bool:
 def _no_downloads(family: str) -> dict[str, object]:
     """Constructor arguments that keep torchvision from fetching pretrained backbone weights."""
     return {"weights_backbone": None} if family in ("segmentation", "detection") else {}
+
+
+def preprocessing_for(name: str) -> dict[str, Any]:
+    """What a real image goes through before this model sees it (an export's manifest shows it):
+    the transforms torchvision publishes with the architecture's weights, nothing for edgekit's
+    own models and saved programs, whose inputs are tensors as given."""
+    transforms = transforms_for(name)
+    if transforms is None:
+        return {"kind": "none", "note": "the input tensor is fed as given"}
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "-", type(transforms).__name__).lower()
+    described = {"kind": f"torchvision-{kind}",
+                 "resize": list(getattr(transforms, "resize_size", None) or []),
+                 "crop": list(getattr(transforms, "crop_size", None) or []),
+                 "scale": "1/255", "layout": "NCHW", "channels": "RGB"}
+    for key in ("mean", "std"):
+        if hasattr(transforms, key):
+            described[key] = list(getattr(transforms, key))
+    if hasattr(transforms, "interpolation"):
+        described["interpolation"] = transforms.interpolation.value
+    return described
 
 
 def _load_weights(module: "torch.nn.Module", path: Path, name: str) -> None:

@@ -18,18 +18,20 @@ from hostkit.report.compare import Change
 from hostkit.report.results import RunResult
 
 __all__ = ["deploy_summary", "bench_table", "devices_table", "compare_table", "to_json",
-           "write_csv", "LEGEND",
-           "CSV_FIELDS"]
+           "write_csv", "LEGEND", "CPP_LEGEND", "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
           "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
           "PyTorch's largest output magnitude. * = emulated board: timings are not board timings")
 
+CPP_LEGEND = ("C++: the export bundle's runner on the device (--runtime cpp), timed by the runner "
+              "itself (nearest-rank p50), checked against PyTorch like the daemon")
+
 CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
               "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
               "top5_match", "compile_s", "upload_s",
-              "load_s", "first_inference_ms", "memory_mb", "p50_ms", "p90_ms", "mean_ms", "std_ms", "n",
-              "artifact_sha256"]
+              "load_s", "first_inference_ms", "memory_mb", "p50_ms", "p90_ms", "mean_ms",
+              "std_ms", "n", "artifact_sha256", "cpp_p50_ms", "cpp_p90_ms", "cpp_rel_err"]
 
 
 def _ms(value: float | None) -> str:
@@ -87,6 +89,16 @@ def deploy_summary(console: Console, result: RunResult) -> None:
         mark = " [yellow](emulated board: not board timings)[/yellow]" if result.emulated else ""
         rows.append(("latency", f"p50 {_ms(lat.p50)} ms · p90 {_ms(lat.p90)} ms · mean "
                                 f"{_ms(lat.mean)} ± {_ms(lat.std)} ms · n={lat.n}{mark}"))
+    cpp = result.cpp
+    if cpp is not None:
+        rows.append(("C++ runner", f"bundle {cpp.bundle_bytes / 1e6:.1f} MB · load "
+                                   f"{_ms(cpp.load_ms)} ms · first inference "
+                                   f"{_ms(cpp.first_inference_ms)} ms · relative error "
+                                   f"{_diff(cpp.rel_err)}"))
+        if cpp.latency_ms is not None:
+            c = cpp.latency_ms
+            rows.append(("C++ latency", f"p50 {_ms(c.p50)} ms · p90 {_ms(c.p90)} ms · mean "
+                                        f"{_ms(c.mean)} ± {_ms(c.std)} ms · n={c.n}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -135,19 +147,28 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                           ("n", "right"), ("first ms", "right"), ("load", "right"), ("peak MB", "right"),
                           ("rel err", "right"), ("tuned", "left"), ("target / error", "left")]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    cpp = any(r.cpp is not None for r in results)
+    if cpp:  # --runtime cpp: the bundle's runner beside the daemon
+        table.add_column("C++ p50 ms", justify="right")
+        table.add_column("C++ rel err", justify="right")
     for r in results:
         lat = r.latency_ms
         device = f"{r.device}*" if r.emulated else r.device
         tail = r.target or "-" if r.ok else f"[red]{r.error}[/red]"
+        extra = []
+        if cpp:
+            c_lat = r.cpp.latency_ms if r.cpp else None
+            extra = [_ms(c_lat.p50 if c_lat else None), _diff(r.cpp.rel_err if r.cpp else None)]
         table.add_row(device, r.model, _status(r), _ms(lat.p50 if lat else None),
                       _ms(lat.p90 if lat else None),
                       f"{_ms(lat.mean)} ± {_ms(lat.std)}" if lat else "-",
                       str(lat.n) if lat else "-", _ms(r.first_inference_ms), _sec(r.load_s),
                       "-" if r.memory_mb is None else f"{r.memory_mb:.0f}",
-                      _diff(r.rel_err), "yes" if r.tuned else "no", tail)
+                      _diff(r.rel_err), "yes" if r.tuned else "no", tail, *extra)
     console.print(table)
     failed = sum(1 for r in results if not r.ok)
-    console.print(f"{len(results) - failed} ok, {failed} failed. {LEGEND}", style="dim")
+    legend = f"{LEGEND}. {CPP_LEGEND}" if cpp else LEGEND
+    console.print(f"{len(results) - failed} ok, {failed} failed. {legend}", style="dim")
 
 
 PROFILE_FIELDS = ["name", "symbol", "calls", "total_ms", "mean_ms", "share", "gflops", "tuned"]
@@ -243,6 +264,10 @@ def _csv_row(r: RunResult) -> dict[str, Any]:
     lat = row.pop("latency_ms") or {}
     row.update({"p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "mean_ms": lat.get("mean"),
                 "std_ms": lat.get("std"), "n": lat.get("n")})
+    cpp = row.pop("cpp") or {}
+    cpp_lat = cpp.get("latency_ms") or {}
+    row.update({"cpp_p50_ms": cpp_lat.get("p50"), "cpp_p90_ms": cpp_lat.get("p90"),
+                "cpp_rel_err": cpp.get("rel_err")})
     return {k: row.get(k) for k in CSV_FIELDS}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Latency", "RunResult"]
+__all__ = ["Latency", "RunResult", "CppRun"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,19 @@ class Latency:
             return cls(math.nan, math.nan, math.nan, math.nan, 0)
         return cls(p50=float(np.percentile(arr, 50)), p90=float(np.percentile(arr, 90)),
                    mean=float(arr.mean()), std=float(arr.std()), n=int(arr.size))
+
+
+@dataclass
+class CppRun:
+    """The export bundle's C++ runner on the device (`--runtime cpp`): its own check against
+    PyTorch and its own timings, taken on the device's steady clock (nearest-rank percentiles)."""
+
+    bundle_bytes: int
+    load_ms: float | None = None
+    first_inference_ms: float | None = None
+    latency_ms: Latency | None = None
+    max_abs_diff: float | None = None
+    rel_err: float | None = None
 
 
 @dataclass
@@ -66,6 +79,7 @@ class RunResult:
     memory: dict[str, float] = field(default_factory=dict)  # artifact, weights, idle, peak (MB)
     profile: dict[str, Any] | None = None  # per-kernel times on the device (hostkit.run.profile)
     latency_ms: Latency | None = None
+    cpp: CppRun | None = None  # with --runtime cpp: the same model through the C++ runner
     device_info: dict[str, Any] = field(default_factory=dict)
 
     @property

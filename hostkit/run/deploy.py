@@ -44,6 +44,8 @@ class RunOptions:
     perturb: bool = False
     # Inferences to time kernel by kernel after the benchmark (0: no profile).
     profile_runs: int = 0
+    # "cpp": also run the export bundle's C++ runner on the device (hostkit.run.cpp).
+    runtime: str = "python"
 
 
 class _ModelCache:
@@ -92,6 +94,8 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         for result in results:
             result.target = resolved.describe()
         cross_cc = check_cross_compiler(device, resolved)
+        if options.runtime == "cpp":
+            _check_cpp(device, resolved)
         note(device.name, "*", f"connecting to {device.address}")
         with make_transport(device) as transport:
             session = DeviceSession(transport, transport.session())
@@ -111,6 +115,18 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
             if result.status != "ok" and result.error is None:
                 result.error, result.stage = f"unexpected error: {exc}", "internal"
     return results
+
+
+def _check_cpp(device: Device, resolved: "ResolvedTarget") -> None:
+    """What the C++ runner needs, checked before anything is compiled or connected: a way to
+    start it on the device, and compilers for a linked library (the bundle's) and the runner."""
+    from hostkit.build.targets import check_cross_compiler
+    from hostkit.export.runner import cxx_for
+    from hostkit.run.cpp import check_cpp_runnable
+
+    check_cpp_runnable(device)
+    linked = device.with_overrides(format="so")
+    cxx_for(device, resolved, check_cross_compiler(linked, resolved, tar_fallback=False))
 
 
 def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int], None]:
@@ -216,6 +232,16 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
             result.memory_mb = round(max(0, busy["peak_bytes"] - idle["rss_bytes"]) / 1e6, 1)
         if not check.passed(options.rtol):
             raise RemoteError(check.reason(options.rtol), device=device.name, stage="check")
+        if options.runtime == "cpp":
+            from hostkit.run.cpp import run_cpp
+
+            note(device.name, spec.name, f"C++ runner: export, ship, run ({options.repeat} runs)")
+            result.cpp, cpp_check = run_cpp(device, model, reference, options.repeat,
+                                            options.warmup, options.use_tuning,
+                                            export_lock=models.compile_lock)
+            if not cpp_check.passed(options.rtol):
+                raise RemoteError(f"C++ runner: {cpp_check.reason(options.rtol)}",
+                                  device=device.name, stage="cpp-check")
         result.status = "ok"
     except EdgekitError as exc:
         _fail(result, exc)

@@ -34,7 +34,7 @@ def local_inventory(daemon: Any, write_inventory: Any, tmp_path: Path,
 
 
 @pytest.mark.integration
-def test_tune_then_deploy_applies_records(local_inventory: Path,
+def test_tune_then_deploy_applies_records(local_inventory: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     from hostkit.run.tune import tune_on_device
 
@@ -61,6 +61,13 @@ def test_tune_then_deploy_applies_records(local_inventory: Path,
     tuned, total = map(int, result["tuned_kernels"].split("/"))
     assert 0 < tuned <= total and total >= summary["tasks"]
     assert result["max_abs_diff"] < 1e-4 and result["top1_match"]
+
+    # An export ships the same tuned library, and says so.
+    assert main(["export", "--device", "local", "tinycnn", "-o", str(tmp_path / "b"),
+                 "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)["manifest"]
+    assert manifest["tuned"] is True and manifest["records"] == result["records"]
+    assert manifest["files"]["model.so"] == result["artifact_sha256"]
 
     # Resuming with a budget the records already cover runs nothing and keeps them.
     again = tune_on_device(device, ModelSpec("tinycnn"), trials=summary["records"],

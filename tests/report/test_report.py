@@ -20,7 +20,7 @@ def test_latency_stats() -> None:
 
 def _render(fn, arg) -> str:  # type: ignore[no-untyped-def]
     buffer = io.StringIO()
-    fn(Console(file=buffer, width=140, color_system=None), arg)
+    fn(Console(file=buffer, width=200, color_system=None), arg)
     return buffer.getvalue()
 
 

@@ -306,6 +306,21 @@ def test_deploy_resnet18_over_ssh(tmp_path: Path, sshd: Sshd,
     assert not list(store.glob(".*.part"))
 
 
+def test_deploy_runtime_cpp_over_ssh(tmp_path: Path, sshd: Sshd,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The export bundle goes by SFTP into a fresh folder, runs with an empty environment and is
+    removed afterwards; its outputs are checked against PyTorch beside the daemon's."""
+    from hostkit.cli import main
+
+    inventory = write_inventory(tmp_path / "inventory.yaml", sshd, python=sys.executable)
+    code = main(["deploy", "--device", "sshbox", "tinycnn", "--inventory", str(inventory),
+                 "--json", "--repeat", "5", "--runtime", "cpp"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"] == "ok", result.get("error")
+    assert result["cpp"]["rel_err"] < 1e-4 and result["cpp"]["latency_ms"]["n"] == 5
+    assert list((tmp_path / "board" / "bundles").iterdir()) == []
+
+
 def test_doctor_ssh_device_all_ok(tmp_path: Path, sshd: Sshd) -> None:
     from hostkit.fleet.doctor import diagnose
 
