@@ -4,25 +4,39 @@ A target is a TVM tag (`raspberry-pi/4b-aarch64`) or a JSON dict (`{"kind": "llv
 "aarch64-linux-gnu", "mattr": ["+neon"]}`). When the target's triple is not this machine's, the
 library is linked with a cross compiler: the inventory's `cross_compiler`, else a default per
 triple, checked with `CC -dumpmachine` before any compile starts.
+
+`check_inventory_targets` asks TVM about every target when an inventory is loaded, so a tag deploy
+would refuse is refused by every command, naming the file and the dotted key. TVM takes seconds to
+import, so its verdicts are kept in the cache per TVM version and only a new target imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hostkit.errors import TargetError
-from hostkit.inventory import Device
+from hostkit.defaults import cache_dir
+from hostkit.errors import InventoryError, TargetError, first_line
+from hostkit.inventory import Device, Inventory
 
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "CROSS_TOOLCHAINS",
-           "arch_of_triple"]
+__all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "check_inventory_targets",
+           "CROSS_TOOLCHAINS", "arch_of_triple"]
+
+log = logging.getLogger("edgekit")
+# Verdicts kept in the cache: enough for every target a fleet has, bounded whatever is tried.
+_MAX_VERDICTS = 512
 
 # Triple prefix -> (default compiler, Debian package that provides it).
 CROSS_TOOLCHAINS: dict[str, tuple[str, str]] = {
@@ -80,10 +94,7 @@ def resolve_target(device: Device) -> ResolvedTarget:
     """The device's TVM target; an unknown tag or a rejected dict is one line naming the device."""
     import tvm
 
-    spec: Any = device.target if isinstance(device.target, str) else dict(device.target)
-    if isinstance(spec, dict) and str(spec.get("mtriple", "")).endswith("gnueabihf"):
-        # A hard-float triple needs the hard-float ABI, or the linker refuses to mix the objects.
-        spec.setdefault("mfloat-abi", "hard")
+    spec = _spec(device)
     try:
         target = tvm.target.Target(spec)
     except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
@@ -95,22 +106,110 @@ def resolve_target(device: Device) -> ResolvedTarget:
     return ResolvedTarget(target=target, triple=triple, kind=str(target.kind.name))
 
 
+def _spec(device: Device) -> Any:
+    """The device's target as TVM is given it."""
+    spec: Any = device.target if isinstance(device.target, str) else dict(device.target)
+    if isinstance(spec, dict) and str(spec.get("mtriple", "")).endswith("gnueabihf"):
+        # A hard-float triple needs the hard-float ABI, or the linker refuses to mix the objects.
+        spec.setdefault("mfloat-abi", "hard")
+    return spec
+
+
 def _explain(spec: Any, exc: Exception) -> str:
-    text = str(exc)
+    import difflib
+
+    import tvm
+
     if isinstance(spec, str) and " -" in spec:
-        return (f"target '{spec}' uses the old string form, which TVM 0.27 rejects; write it as a "
+        return (f"target {spec!r} uses the old string form, which TVM 0.27 rejects; write it as a "
                 f'dict, e.g. {{kind: llvm, mcpu: cortex-a72}}')
     if isinstance(spec, str):
-        import difflib
+        close = difflib.get_close_matches(spec, list(tvm.target.list_tags()), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return (f"unknown target tag {spec[:80]!r}; {hint}use a TVM tag (tvm.target.list_tags()) "
+                "or a dict such as {kind: llvm}")
+    kinds = [str(kind) for kind in tvm.target.Target.list_kinds()]
+    kind = spec.get("kind")
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), kinds, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown target kind {str(kind)[:80]!r}; {hint}known kinds: {', '.join(kinds)}"
+    reason = first_line(exc).split(". Target creation from")[0]
+    return f"target {json.dumps(spec, default=str)[:200]} is rejected by TVM: {reason[:200]}"
 
+
+def check_inventory_targets(inventory: Inventory) -> None:
+    """InventoryError for the first target TVM would refuse, naming the file and the dotted key.
+
+    Each distinct target is asked once; a target TVM has already judged (same TVM version) is
+    answered from the cache without importing TVM.
+    """
+    specs: dict[str, tuple[Any, str]] = {}
+    for device in inventory.devices.values():
+        spec = _spec(device)
+        dotted = inventory.target_keys.get(device.name, f"devices.{device.name}.target")
+        specs.setdefault(json.dumps(spec, sort_keys=True, default=str), (spec, dotted))
+    version, verdicts = _load_verdicts()
+    new = [key for key in specs if key not in verdicts]
+    if new:
         import tvm
 
-        tags = list(tvm.target.list_tags())
-        close = difflib.get_close_matches(spec, tags, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown target '{spec}': {hint}use a TVM tag (tvm.target.list_tags()) or a dict"
-    first = next((ln for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return f"target {json.dumps(spec)} is rejected by TVM: {first.strip()[:200]}"
+        for key in new:
+            try:
+                tvm.target.Target(specs[key][0])
+                verdicts[key] = None
+            except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
+                verdicts[key] = _explain(specs[key][0], exc)
+        _save_verdicts(version, verdicts)
+    where = str(inventory.path) if inventory.path else "inventory"
+    for key, (_, dotted) in specs.items():
+        if verdicts[key]:
+            raise InventoryError(f"{where}: {dotted}: {verdicts[key]}")
+
+
+def _verdicts_path() -> Path:
+    return cache_dir() / "targets.json"
+
+
+def _tvm_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        return None  # a TVM built from source: no version to key verdicts by, so none are kept
+
+
+def _load_verdicts() -> tuple[str | None, dict[str, str | None]]:
+    version = _tvm_version()
+    try:
+        data = json.loads(_verdicts_path().read_text(encoding="utf-8"))
+        kept = data["verdicts"] if version is not None and data["tvm"] == version else {}
+        verdicts = {str(k): v for k, v in dict(kept).items() if v is None or isinstance(v, str)}
+    except (OSError, ValueError, TypeError, KeyError):
+        verdicts = {}  # no cache yet, or an unreadable one: ask TVM again
+    return version, verdicts
+
+
+def _save_verdicts(version: str | None, verdicts: dict[str, str | None]) -> None:
+    """Replace the cache file whole (a reader never sees half of it); a failure only costs time."""
+    if version is None:
+        return
+    path = _verdicts_path()
+    kept = dict(list(verdicts.items())[-_MAX_VERDICTS:])
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".targets.", suffix=".tmp",
+                                         delete=False, encoding="utf-8") as tmp:
+            tmp_name = tmp.name
+            json.dump({"tvm": version, "verdicts": kept}, tmp)
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        log.debug("could not keep target verdicts in %s: %s", path, exc)
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
 
 
 def check_cross_compiler(device: Device, resolved: ResolvedTarget) -> str | None:

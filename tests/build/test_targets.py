@@ -31,8 +31,8 @@ def test_resolve_tag_and_dict_targets() -> None:
 def test_bad_targets_are_one_line() -> None:
     with pytest.raises(TargetError) as err:
         resolve_target(_device("raspberry-pi/4b-aarch65"))
-    assert str(err.value).startswith("d: unknown target 'raspberry-pi/4b-aarch65': did you mean "
-                                     "'raspberry-pi/4b-aarch64'?")
+    assert str(err.value).startswith("d: unknown target tag 'raspberry-pi/4b-aarch65'; did you "
+                                     "mean 'raspberry-pi/4b-aarch64'?")
     with pytest.raises(TargetError, match="old string form"):
         resolve_target(_device("llvm -mcpu=cortex-a72"))
 
