@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "check_in
 log = logging.getLogger("edgekit")
 # Verdicts kept in the cache: enough for every target a fleet has, bounded whatever is tried.
 _MAX_VERDICTS = 512
+# Importing TVM in a child takes about 2 s; a minute means something is wrong with the install.
+_ASK_TIMEOUT_S = 60.0
 
 # Triple prefix -> (default compiler, Debian package that provides it).
 CROSS_TOOLCHAINS: dict[str, tuple[str, str]] = {
@@ -149,22 +152,58 @@ def check_inventory_targets(inventory: Inventory) -> None:
         spec = _spec(device)
         dotted = inventory.target_keys.get(device.name, f"devices.{device.name}.target")
         specs.setdefault(json.dumps(spec, sort_keys=True, default=str), (spec, dotted))
+    where = str(inventory.path) if inventory.path else "inventory"
     version, verdicts = _load_verdicts()
     new = [key for key in specs if key not in verdicts]
     if new:
-        import tvm
-
-        for key in new:
-            try:
-                tvm.target.Target(specs[key][0])
-                verdicts[key] = None
-            except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
-                verdicts[key] = _explain(specs[key][0], exc)
+        verdicts.update(zip(new, _ask_tvm([specs[key][0] for key in new], where)))
         _save_verdicts(version, verdicts)
-    where = str(inventory.path) if inventory.path else "inventory"
     for key, (_, dotted) in specs.items():
         if verdicts[key]:
             raise InventoryError(f"{where}: {dotted}: {verdicts[key]}")
+
+
+def _ask_tvm(specs: list[Any], where: str) -> list[str | None]:
+    """TVM's verdict on each target, from a child Python that imports TVM without torch.
+
+    That takes half the time and a quarter of the memory of importing TVM here (TVM's FFI imports
+    torch when it can), and TVM's own warnings ("Unable to detect CUDA version") stay off the
+    user's terminal.
+    """
+    import hostkit
+
+    root = str(Path(hostkit.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from hostkit.build.targets import _judge_targets; _judge_targets()")
+    proc: subprocess.CompletedProcess[str] | None = None
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs),
+                              capture_output=True, text=True, timeout=_ASK_TIMEOUT_S,
+                              env={**os.environ, "PYTHONPATH": path})
+        answers = json.loads(proc.stdout)
+        if (not isinstance(answers, list) or len(answers) != len(specs)
+                or not all(a is None or isinstance(a, str) for a in answers)):
+            raise ValueError(f"unexpected answer {proc.stdout[:200]!r}")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.debug("the target check failed: %s; its stderr: %s", exc, proc and proc.stderr)
+        raise InventoryError(f"{where}: TVM could not check the targets ({first_line(exc)}); "
+                             "does `python -c 'import tvm'` work?") from exc
+    return answers
+
+
+def _judge_targets() -> None:
+    """The child's side of _ask_tvm: targets as JSON on stdin, verdicts as JSON on stdout."""
+    import tvm
+
+    verdicts: list[str | None] = []
+    for spec in json.load(sys.stdin):
+        try:
+            tvm.target.Target(spec)
+            verdicts.append(None)
+        except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
+            verdicts.append(_explain(spec, exc))
+    json.dump(verdicts, sys.stdout)
 
 
 def _verdicts_path() -> Path:
