@@ -24,7 +24,7 @@ from hostkit import __version__
 from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE
 from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line
 from hostkit.inventory import Device, Inventory, load_inventory, parse_inventory
-from hostkit.terminal import debug_log, debug_log_path, one_line, terminal_hygiene
+from hostkit.terminal import debug_log, debug_log_path, one_line, terminal, terminal_hygiene
 from hostkit.yamlfile import shown
 
 __all__ = ["main"]
@@ -184,7 +184,7 @@ def _console(args: argparse.Namespace) -> Any:
 
     # With --json, stdout carries only JSON; progress and tables go to stderr. Piped output
     # gets a wide fixed width so tables stay one row per result in logs.
-    console = Console(stderr=bool(getattr(args, "json", False)), highlight=False)
+    console = Console(file=terminal() if getattr(args, "json", False) else None, highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 140
     return console
@@ -193,7 +193,7 @@ def _console(args: argparse.Namespace) -> Any:
 def _progress_console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(file=terminal(), highlight=False)
 
 
 def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
@@ -236,7 +236,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not result.ok and not args.json:
         logs = f"; traceback in {debug_log_path()}" if result.stage == "internal" else ""
         print(one_line(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage}"
-                       f"{logs})"), file=sys.stderr)
+                       f"{logs})"), file=terminal())
     return 0 if result.ok else 1
 
 
@@ -264,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     internal = sum(r.stage == "internal" for r in results)
     if internal:
         print(f"edgekit: unexpected error in {internal} of {len(results)} runs (traceback in "
-              f"{debug_log_path()}; please report it)", file=sys.stderr)
+              f"{debug_log_path()}; please report it)", file=terminal())
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -394,16 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except EdgekitError as exc:
-            print(one_line(f"edgekit: error: {exc}"), file=sys.stderr)
+            print(one_line(f"edgekit: error: {exc}"), file=terminal())
             return 1
         except KeyboardInterrupt:
-            print("edgekit: interrupted", file=sys.stderr)
+            print("edgekit: interrupted", file=terminal())
             return 130
         except Exception as exc:  # a bug: one line for the user, the traceback for the report
             where = debug_log(traceback.format_exc())
             saved = f"traceback in {where}" if where else "no debug log could be written"
             print(one_line(f"edgekit: unexpected error: {type(exc).__name__}: {first_line(exc)} "
-                           f"({saved}; please report it)"), file=sys.stderr)
+                           f"({saved}; please report it)"), file=terminal())
             return 1
 
 

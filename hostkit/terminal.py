@@ -1,10 +1,12 @@
-"""What edgekit writes to a terminal: one line per message, and tracebacks in a debug log.
+"""What edgekit writes to a terminal: one line per message; everything else in a debug log.
 
-A user's terminal gets one line per error whatever the input held: control characters are shown
-escaped. A traceback, whether from edgekit, from a library's logging, from Python's warnings, from a
-thread or from a destructor, goes to the debug log (`<cache>/logs/debug.log`, or a private file in
-the temporary folder when the cache cannot be written), and the line on the terminal names it.
-Only the CLI installs this, for the length of one command.
+While a command runs, the user's stderr belongs to edgekit alone: its one-line errors, its log
+lines and its progress go to `terminal()`, and whatever else writes to stderr (a library's logging
+with its tracebacks, Python's warnings, a thread or a destructor that failed, TVM's or torch's C++
+warnings on file descriptor 2) lands in the debug log (`<cache>/logs/debug.log`, or a private file
+in the temporary folder when the cache cannot be written). Every line edgekit writes is one line
+whatever the input held: control characters are shown escaped. The CLI installs this for the length
+of one command; the library itself never touches the process's streams.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 from hostkit import __version__
 from hostkit.defaults import cache_dir
 
-__all__ = ["one_line", "debug_log", "debug_log_path", "terminal_hygiene"]
+__all__ = ["one_line", "debug_log", "debug_log_path", "terminal", "terminal_hygiene"]
+
+# The debug log is started afresh (the old one kept as debug.log.1) once it is this large.
+_ROTATE_BYTES = 8 << 20
+
+_terminal: TextIO | None = None  # the user's stderr while a command runs
+_log: TextIO | None = None  # the open debug log while a command runs
 
 
 def one_line(text: str) -> str:
@@ -32,22 +40,45 @@ def one_line(text: str) -> str:
                    .decode("ascii") for c in text)
 
 
+def terminal() -> TextIO:
+    """Where edgekit's own lines go: the user's stderr, also while stderr is diverted."""
+    return _terminal or sys.stderr
+
+
 def debug_log_path() -> Path:
-    return cache_dir() / "logs" / "debug.log"
+    """Where the debug log is; the open one when a command runs."""
+    name = getattr(_log, "name", None)
+    return Path(name) if isinstance(name, str) else cache_dir() / "logs" / "debug.log"
 
 
 def debug_log(text: str) -> Path | None:
     """Append text to the debug log; where it went, or None if no place would take it."""
+    if _log is not None:
+        _log.write(f"{text.rstrip()}\n")
+        _log.flush()
+        return debug_log_path()
+    log = _open_log()
+    if log is None:
+        return None
+    with log:
+        log.write(f"{text.rstrip()}\n")
+    return Path(log.name)
+
+
+def _open_log() -> TextIO | None:
+    """The debug log, opened to append, with a line saying which run writes below it."""
     fallback = Path(tempfile.gettempdir()) / f"edgekit-debug-{os.getuid()}.log"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    for path in (debug_log_path(), fallback):
+    for path in (cache_dir() / "logs" / "debug.log", fallback):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and path.stat().st_size > _ROTATE_BYTES:
+                os.replace(path, path.with_name(path.name + ".1"))
             # O_NOFOLLOW: the fallback sits in a shared folder where a link could be planted.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as log:
-                log.write(f"--- {stamp} edgekit {__version__}\n{text.rstrip()}\n")
-            return path
+            log = open(path, "a", encoding="utf-8", errors="backslashreplace", buffering=1,
+                       opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o600))
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} edgekit {__version__} "
+                      f"pid {os.getpid()}\n")
+            return log
         except OSError:
             continue
     return None
@@ -88,35 +119,67 @@ class _DebugLogHandler(logging.Handler):
             debug_log(self.format(record))
 
 
+def _fd(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None  # a stream in memory (a test's capture): there is no descriptor to divert
+
+
 @contextlib.contextmanager
-def terminal_hygiene(verbose: bool) -> Iterator[None]:
-    """For one command: log lines one line each on stderr, tracebacks and warnings in the debug
-    log, and no traceback printed by a thread, a destructor or logging itself."""
+def terminal_hygiene(verbose: bool) -> Iterator[TextIO]:
+    """For one command: the user's stderr for edgekit's own lines (yielded, and `terminal()`),
+    stderr itself, down to file descriptor 2, diverted to the debug log, log records one line each,
+    and no traceback printed by logging, a thread or a destructor."""
+    global _terminal, _log
+    user = sys.stderr
+    log = _open_log()
+    saved_fd = None
+    if log is not None and _fd(user) == 2:
+        user.flush()
+        saved_fd = os.dup(2)
+        _terminal = open(saved_fd, "w", encoding=getattr(user, "encoding", None) or "utf-8",
+                         errors="backslashreplace", buffering=1, closefd=False)
+        os.dup2(log.fileno(), 2)  # C and C++ code (TVM, torch) write here too
+    else:
+        _terminal = user
+        if log is not None:
+            sys.stderr = log
+    _log = log
     root = logging.getLogger()
-    terminal = logging.StreamHandler(sys.stderr)
-    terminal.setFormatter(_OneLineFormatter())
-    terminal.addFilter(_TerminalFilter(verbose))
-    debug = _DebugLogHandler()
+    shown = logging.StreamHandler(_terminal)
+    shown.setFormatter(_OneLineFormatter())
+    shown.addFilter(_TerminalFilter(verbose))
+    kept = _DebugLogHandler()
     saved = (root.level, logging.raiseExceptions, threading.excepthook, sys.unraisablehook)
-    # The debug log handler first: it sees a record's traceback before the terminal drops it.
-    root.addHandler(debug)
-    root.addHandler(terminal)
+    root.addHandler(kept)  # first: it sees a record's traceback before the terminal drops it
+    root.addHandler(shown)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.raiseExceptions = False
     logging.captureWarnings(True)
     # Booting or building the emulated board takes seconds to minutes: show its steps.
     logging.getLogger("edgekit.board").setLevel(logging.INFO)
-
     threading.excepthook = _thread_died
     sys.unraisablehook = _unraisable
     try:
-        yield
+        yield _terminal
     finally:
         logging.captureWarnings(False)
-        root.removeHandler(terminal)
-        root.removeHandler(debug)
+        root.removeHandler(shown)
+        root.removeHandler(kept)
         root.setLevel(saved[0])
         logging.raiseExceptions, threading.excepthook, sys.unraisablehook = saved[1:]
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+            _terminal.flush()
+        if saved_fd is not None:
+            os.dup2(saved_fd, 2)
+            _terminal.close()
+            os.close(saved_fd)
+        sys.stderr = user
+        _terminal, _log = None, None
+        if log is not None:
+            log.close()
 
 
 def _thread_died(hook: Any) -> None:
@@ -124,7 +187,7 @@ def _thread_died(hook: Any) -> None:
     where = debug_log(f"in thread {getattr(hook.thread, 'name', '?')}:\n{text}")
     saved = f"traceback in {where}" if where else "no debug log could be written"
     print(one_line(f"edgekit: unexpected error in a background thread: {hook.exc_type.__name__} "
-                   f"({saved}; please report it)"), file=sys.stderr)
+                   f"({saved}; please report it)"), file=terminal())
 
 
 def _unraisable(hook: Any) -> None:
