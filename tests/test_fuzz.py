@@ -151,7 +151,7 @@ TARGETS: list[Any] = [{"kind": "llvm"}, "raspberry-pi/4b-aarch64", "raspberry-pi
                       {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}]
 SPECIALS = ["", " ", "\x00", "\n", "a\nb", "\t", "\x1b[2J", "\u202e", "\u200b", "\ufeff", "é" * 300,
             "\U0001f600", "-", "--help", "~", "null", "0x1F", "1e400", ".inf", "*a", "&a", "<<"]
-texts = st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=24),
+texts = st.one_of(st.text(st.characters(exclude_categories=["Cs"]), max_size=24),
                   st.sampled_from(SPECIALS))
 numbers = st.one_of(st.integers(-(10**30), 10**30), st.floats(),
                     st.sampled_from([0, -5, -1, 65535, 65536, 70000, 2**63, 10**4000, 0.0, -0.0]))
@@ -161,7 +161,8 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 # Hosts that never leave this machine: loopback, or names that fail to resolve or to validate.
 hosts = st.sampled_from(["localhost", "127.0.0.1", "::1", "no-such-host.invalid", "", "a..b",
                          "x y", "pi\x00", "é" * 300, "a" * 300])
-ports = st.one_of(st.sampled_from(CLOSED_PORTS), numbers, st.sampled_from(["9", "abc", None, []]))
+ports: st.SearchStrategy[Any] = st.one_of(st.sampled_from(CLOSED_PORTS), numbers,
+                                          st.sampled_from(["9", "abc", None, []]))
 SSH = {"port": ports, "user": texts, "key_file": texts, "known_hosts": texts,
        "host_key_policy": st.sampled_from(["strict", "accept-new", "strcit"]) | texts,
        "work_dir": texts, "python": texts, "rpc_port": ports}
