@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rich.markup import escape
+
 from hostkit import __version__
 from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE
 from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line
@@ -216,9 +218,9 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
     with console.status("starting", spinner="dots") as status:
         def step(device: str, model: str, what: str) -> None:
             label = device if model == "*" else f"{device} · {model}"
-            status.update(f"[bold]{label}[/bold]: {what}")
+            status.update(f"[bold]{escape(label)}[/bold]: {escape(what)}")
             if not console.is_terminal:
-                console.print(f"{label}: {what}", style="dim")
+                console.print(f"{label}: {what}", style="dim", markup=False)
 
         return run_fleet([_with_flags(d, args) for d in devices], specs, options, step)
 
@@ -305,12 +307,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         console = _console(args)
         estimate = summary["estimated_ms"]
         console.print(
-            f"[green]tuned[/green] {summary['model']} on {summary['device']}: "
+            f"[green]tuned[/green] {escape(summary['model'])} on {escape(summary['device'])}: "
             f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
             f"{summary['tune_s']:.0f}s"
             + (f"; sum of the best kernels {estimate:.2f} ms" if estimate is not None else "")
-            + f"; records in {summary['records_dir']}. "
-            f"`edgekit deploy --device {device.name} {args.model}` applies them.")
+            + escape(f"; records in {summary['records_dir']}. "
+                     f"`edgekit deploy --device {device.name} {args.model}` applies them."))
         console.print("slowest kernels (best measured, per inference):")
         for row in summary["kernels"][:5]:
             if row["best_ms"] is None:
@@ -333,8 +335,8 @@ def cmd_board(args: argparse.Namespace) -> int:
     console = _console(args)
     if args.action == "up":
         progress = _progress_console()
-        host, port = emulator.board_up(device, progress=lambda line: progress.print(line,
-                                                                                  style="dim"))
+        host, port = emulator.board_up(
+            device, progress=lambda line: progress.print(line, markup=False, style="dim"))
         state: dict[str, Any] = {"device": device.name, "status": "up", "address": f"{host}:{port}"}
     elif args.action == "down":
         emulator.board_down(device)
@@ -344,7 +346,7 @@ def cmd_board(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json_plain(state))
     else:
-        console.print(" · ".join(f"{k}: {v}" for k, v in state.items()))
+        console.print(" · ".join(f"{k}: {v}" for k, v in state.items()), markup=False)
     return 0
 
 
@@ -358,11 +360,13 @@ def cmd_device(args: argparse.Namespace) -> int:
     device = _inventory(args).get(args.device)
     console = _progress_console()
     with console.status(f"installing devicekit on {device.name}") as status:
-        summary = install_device(device, lambda what: status.update(f"{device.name}: {what}"))
+        summary = install_device(device,
+                                 lambda what: status.update(escape(f"{device.name}: {what}")))
     if args.json:
         print(to_json_plain(dataclasses.asdict(summary)))
     else:
-        _console(args).print(f"[green]installed[/green] devicekit on {device.name}: {summary}")
+        _console(args).print("[green]installed[/green] "
+                             + escape(f"devicekit on {device.name}: {summary}"))
     return 0
 
 
@@ -377,8 +381,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console = _console(args)
         for check in checks:
             mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
-            fix = f" [yellow]→ {check.fix}[/yellow]" if not check.ok and check.fix else ""
-            console.print(f"{mark} {check.name}: {check.detail}{fix}")
+            fix = f" [yellow]→ {escape(check.fix)}[/yellow]" if not check.ok and check.fix else ""
+            console.print(f"{mark} {escape(f'{check.name}: {check.detail}')}{fix}")
     return 0 if all(c.ok for c in checks) else 1
 
 

@@ -150,7 +150,8 @@ TARGETS: list[Any] = [{"kind": "llvm"}, "raspberry-pi/4b-aarch64", "raspberry-pi
                       {"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf"},
                       {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}]
 SPECIALS = ["", " ", "\x00", "\n", "a\nb", "\t", "\x1b[2J", "\u202e", "\u200b", "\ufeff", "é" * 300,
-            "\U0001f600", "-", "--help", "~", "null", "0x1F", "1e400", ".inf", "*a", "&a", "<<"]
+            "\U0001f600", "-", "--help", "~", "null", "0x1F", "1e400", ".inf", "*a", "&a", "<<",
+            "[/x]", "[bold]", "%s", "{0}", "../../etc/passwd"]
 texts = st.one_of(st.text(st.characters(exclude_categories=["Cs"]), max_size=24),
                   st.sampled_from(SPECIALS))
 numbers = st.one_of(st.integers(-(10**30), 10**30), st.floats(),
