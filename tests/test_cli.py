@@ -135,3 +135,40 @@ def test_unreachable_deploy_is_one_red_line(write_inventory: Any,
     errors = [ln for ln in captured.err.splitlines() if ln.startswith("edgekit: error:")]
     assert errors == ["edgekit: error: pi4: cannot resolve host pi4.invalid (check the host in the "
                       "inventory, or use an IP address) (stage: connect)"]
+
+
+def test_unexpected_error_is_one_line_and_the_tracebacks_go_to_the_debug_log(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+    import sys
+    import warnings
+
+    import hostkit.cli
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+
+    def broken(args: Any) -> int:
+        try:
+            {}["missing"]
+        except KeyError:  # what run_fleet does with an unmapped failure: log it, report a row
+            logging.getLogger("edgekit").exception("unexpected error on %s", "dev")
+        library = logging.getLogger("a-library")  # its own handler, as torch's logging has
+        handler = logging.StreamHandler(sys.stderr)
+        library.addHandler(handler)
+        monkeypatch.setattr(library, "propagate", False)
+        library.warning("Traceback (most recent call last):\n  a library's own")
+        library.removeHandler(handler)
+        warnings.warn("a library warning")
+        print("a library writing to stderr", file=sys.stderr)
+        raise RuntimeError("first\nline two")
+
+    monkeypatch.setitem(hostkit.cli.COMMANDS, "models", broken)
+    assert main(["models"]) == 1
+    log = tmp_path / "logs" / "debug.log"
+    assert capsys.readouterr().err == (f"edgekit: unexpected error: RuntimeError: line two "
+                                       f"(traceback in {log}; please report it)\n")
+    text = log.read_text()
+    for needle in ("KeyError: 'missing'", "a library's own", "a library warning",
+                   "a library writing to stderr", "RuntimeError: first"):
+        assert needle in text
