@@ -24,10 +24,9 @@ from rich.markup import escape
 
 from hostkit import __version__
 from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE
-from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line
+from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line, shown
 from hostkit.inventory import Device, Inventory, load_inventory, parse_inventory
 from hostkit.terminal import debug_log, debug_log_path, one_line, terminal, terminal_hygiene
-from hostkit.yamlfile import shown
 
 __all__ = ["main"]
 
@@ -174,9 +173,9 @@ def _check_models(names: Sequence[str], weights: Path | None) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ModelError(f"unknown model {shown(name)}: {hint}give a torchvision classification "
-                             "model name or a path to a .pt2 file (`edgekit models` lists the "
-                             "names)", stage="model")
+            raise ModelError(f"unknown model {shown(name)}: {hint}give a torchvision "
+                             "classification model name or a path to a .pt2 file (`edgekit "
+                             "models` lists the names)", stage="model")
     if weights is not None and not os.path.isfile(weights):
         raise ModelError(f"weights file {weights} not found", stage="model")
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from hostkit.defaults import CONNECT_TIMEOUT_S, DEFAULT_PORT, SESSION_TIMEOUT_S
-from hostkit.errors import InventoryError, first_line
-from hostkit.yamlfile import MAX_DEPTH, load_yaml_file, shown
+from hostkit.errors import InventoryError, first_line, shown
+from hostkit.yamlfile import MAX_DEPTH, load_yaml_file
 
 __all__ = ["Device", "SshSettings", "Inventory", "load_inventory", "parse_inventory",
            "TRANSPORTS", "MANAGED", "FORMATS"]
@@ -112,15 +112,15 @@ class Inventory:
     def get(self, name: str) -> Device:
         if name in self.devices:
             return self.devices[name]
-        known = ", ".join(self.devices) or "none"
         close = difflib.get_close_matches(name, list(self.devices), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise InventoryError(f"unknown device '{name}' in {self._where()}; {hint}known devices: {known}")
+        raise InventoryError(f"unknown device {shown(name)} in {self._where()}; {hint}known "
+                             f"devices: {_listed(self.devices)}")
 
     def group(self, name: str) -> list[Device]:
         if name not in self.groups:
-            known = ", ".join(self.groups) or "none"
-            raise InventoryError(f"unknown group '{name}' in {self._where()}; known groups: {known}")
+            raise InventoryError(f"unknown group {shown(name)} in {self._where()}; known groups: "
+                                 f"{_listed(self.groups)}")
         return [self.devices[d] for d in self.groups[name]]
 
     def _where(self) -> str:
@@ -166,6 +166,12 @@ def _seconds(most: float) -> Callable[[float], str | None]:
         return f"must be a number of seconds above 0 and at most {most:g}, got {shown(value)}"
 
     return check
+
+
+def _listed(names: Mapping[str, Any], most: int = 20) -> str:
+    """Names for a message: the first few, and how many more, so a big fleet stays one line."""
+    shown_names = ", ".join(list(names)[:most]) or "none"
+    return shown_names + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 # Each settable key, the Python types it accepts, and a check of its value: the choices, or a

@@ -98,7 +98,8 @@ class _TerminalFilter(logging.Filter):
             return not (record.exc_info or record.stack_info or record.name == "py.warnings")
         if record.exc_info or record.stack_info:
             record.exc_info, record.exc_text, record.stack_info = None, None, None
-            record.msg, record.args = f"{record.getMessage()} (traceback in {debug_log_path()})", None
+            record.msg = f"{record.getMessage()} (traceback in {debug_log_path()})"
+            record.args = None
         return True
 
 

@@ -10,29 +10,18 @@ instead of silently winning. The file is data, never code.
 
 from __future__ import annotations
 
-import reprlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from hostkit.errors import InventoryError, first_line
+from hostkit.errors import InventoryError, first_line, shown
 
-__all__ = ["load_yaml_file", "shown", "MAX_INVENTORY_BYTES", "MAX_ALIASES", "MAX_DEPTH",
-           "MAX_VALUES"]
+__all__ = ["load_yaml_file", "MAX_INVENTORY_BYTES", "MAX_ALIASES", "MAX_DEPTH", "MAX_VALUES"]
 
 # Limits on the file, far above what a fleet needs (5,000 boards fit in 1 MiB with 20 values each).
 MAX_INVENTORY_BYTES = 1 << 20
 MAX_ALIASES = 32
 MAX_DEPTH = 16
 MAX_VALUES = 200_000
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
-_REPR.maxlevel = 3
-
-
-def shown(value: Any) -> str:
-    """A value as an error message quotes it: repr, shortened, on one line whatever it holds."""
-    return _REPR.repr(value)
 
 
 def load_yaml_file(path: Path) -> Any:
@@ -47,8 +36,8 @@ def _read_text(path: Path) -> str:
     except OSError as exc:
         raise InventoryError(f"cannot read inventory file {path}: {exc.strerror or exc}") from exc
     if len(raw) > MAX_INVENTORY_BYTES:
-        raise InventoryError(f"{path}: larger than {MAX_INVENTORY_BYTES >> 20} MiB; an inventory is "
-                             "a short YAML file (is this the right file?)")
+        raise InventoryError(f"{path}: larger than {MAX_INVENTORY_BYTES >> 20} MiB; an inventory "
+                             "is a short YAML file (is this the right file?)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

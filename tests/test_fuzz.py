@@ -434,7 +434,8 @@ def model_files(edgekit: Edgekit) -> Iterator[ModelFiles]:
     for kind, path in (("pt2", program), ("weights", weights)):
         intact = edgekit([a.replace("{path}", str(path)) for a in argv[kind]], prelude=LOAD_ONLY,
                          limit=120)
-        assert intact.rc == 1 and "loaded; the fuzz stops before the daemon" in intact.stderr, intact
+        assert intact.rc == 1, intact
+        assert "loaded; the fuzz stops before the daemon" in intact.stderr, intact
         limit[kind] = intact.seconds + LIMIT_S
     yield ModelFiles({"pt2": program, "weights": weights}, argv, limit)
 

@@ -207,3 +207,11 @@ def test_oversized_and_binary_files_name_the_file(tmp_path: Path) -> None:
     junk.write_bytes(bytes(range(128, 256)) * 100)
     assert _refused(junk) == (f"{junk}: not UTF-8 text (byte 0x80 at offset 0); an inventory is a "
                               "YAML text file")
+
+
+def test_a_big_fleet_is_listed_in_one_short_line() -> None:
+    inv = parse_inventory({"devices": {f"pi{i}": {"target": {"kind": "llvm"}} for i in range(25)}})
+    with pytest.raises(InventoryError) as err:
+        inv.get("nuc\n")
+    assert str(err.value).endswith("pi18, pi19 and 5 more")
+    assert "unknown device 'nuc\\n'" in str(err.value)
