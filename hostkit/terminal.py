@@ -1,8 +1,9 @@
 """What edgekit writes to a terminal: one line per message; everything else in a debug log.
 
 While a command runs, the user's stderr belongs to edgekit alone: its one-line errors, its log
-lines and its progress go to `terminal()`, and whatever else writes to stderr (a library's logging
-with its tracebacks, Python's warnings, a thread or a destructor that failed, TVM's or torch's C++
+lines and its progress go to `terminal()` (and a line printed to sys.stderr that starts
+`edgekit:` still reaches the user), and whatever else writes to stderr (a library's logging with
+its tracebacks, Python's warnings, a thread or a destructor that failed, TVM's or torch's C++
 warnings on file descriptor 2) lands in the debug log (`<cache>/logs/debug.log`, or a private file
 in the temporary folder when the cache cannot be written). Every line edgekit writes is one line
 whatever the input held: control characters are shown escaped. The CLI installs this for the length
@@ -12,6 +13,7 @@ of one command; the library itself never touches the process's streams.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -120,6 +122,39 @@ class _DebugLogHandler(logging.Handler):
             debug_log(self.format(record))
 
 
+class _Diverted(io.TextIOBase):
+    """sys.stderr while a command runs: a line that starts `edgekit:` (an edgekit message, from
+    whichever module printed it) goes to the user's terminal, every other line to the debug log."""
+
+    encoding = "utf-8"
+
+    def __init__(self, log: TextIO, user: TextIO) -> None:
+        super().__init__()
+        self._log, self._user, self._pending = log, user, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            (self._user if line.startswith("edgekit:") else self._log).write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._user.flush()
+
+    def close_line(self) -> None:
+        """A last line without its newline still goes somewhere."""
+        if self._pending:
+            self.write("\n")
+
+    def fileno(self) -> int:  # a child given sys.stderr writes into the debug log
+        return self._log.fileno()
+
+
 def _fd(stream: TextIO) -> int | None:
     try:
         return stream.fileno()
@@ -144,8 +179,9 @@ def terminal_hygiene(verbose: bool) -> Iterator[TextIO]:
         os.dup2(log.fileno(), 2)  # C and C++ code (TVM, torch) write here too
     else:
         _terminal = user
-        if log is not None:
-            sys.stderr = log
+    diverted = _Diverted(log, _terminal) if log is not None else None
+    if diverted is not None:
+        sys.stderr = diverted
     _log = log
     root = logging.getLogger()
     shown = logging.StreamHandler(_terminal)
@@ -171,6 +207,8 @@ def terminal_hygiene(verbose: bool) -> Iterator[TextIO]:
         root.setLevel(saved[0])
         logging.raiseExceptions, threading.excepthook, sys.unraisablehook = saved[1:]
         with contextlib.suppress(OSError, ValueError):
+            if diverted is not None:
+                diverted.close_line()
             sys.stderr.flush()
             _terminal.flush()
         if saved_fd is not None:

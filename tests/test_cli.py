@@ -161,12 +161,14 @@ def test_unexpected_error_is_one_line_and_the_tracebacks_go_to_the_debug_log(
         library.removeHandler(handler)
         warnings.warn("a library warning")
         print("a library writing to stderr", file=sys.stderr)
+        print("edgekit: note: printed to sys.stderr by edgekit code", file=sys.stderr)
         raise RuntimeError("first\nline two")
 
     monkeypatch.setitem(hostkit.cli.COMMANDS, "models", broken)
     assert main(["models"]) == 1
     log = tmp_path / "logs" / "debug.log"
-    assert capsys.readouterr().err == (f"edgekit: unexpected error: RuntimeError: line two "
+    assert capsys.readouterr().err == ("edgekit: note: printed to sys.stderr by edgekit code\n"
+                                       f"edgekit: unexpected error: RuntimeError: line two "
                                        f"(traceback in {log}; please report it)\n")
     text = log.read_text()
     for needle in ("KeyError: 'missing'", "a library's own", "a library warning",
