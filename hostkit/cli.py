@@ -1,25 +1,32 @@
 """`edgekit`: parse flags, call the library, render, map errors to exit codes.
 
 Exit codes: 0 all ok; 1 a run failed on some device or an edgekit error; 2 bad usage.
-An EdgekitError is one red line; an unexpected error is one line pointing at a debug log.
+An EdgekitError is one red line; an unexpected error is one line pointing at a debug log. Every
+line edgekit writes to the terminal is one line whatever the input held (control characters are
+shown escaped), and tracebacks, from edgekit or from a library's logging or warnings, go to the
+debug log only. What a run needs is checked before any daemon starts: the inventory with its
+targets, the device names, the model names and files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
-import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rich.markup import escape
+
 from hostkit import __version__
-from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE, cache_dir
-from hostkit.errors import EdgekitError, InventoryError
+from hostkit.defaults import CHECK_RTOL, DEFAULT_REPEAT, DEFAULT_WARMUP, INVENTORY_FILE
+from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line, shown
 from hostkit.inventory import Device, Inventory, load_inventory, parse_inventory
+from hostkit.terminal import debug_log, debug_log_path, one_line, terminal, terminal_hygiene
 
 __all__ = ["main"]
 
@@ -40,7 +47,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
@@ -66,14 +73,14 @@ def _percent(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"edgekit: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"edgekit: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("model")
     tune.add_argument("--trials", type=_positive, default=2000, help="total trials (default 2000)")
     tune.add_argument("--trials-per-task", type=_positive, default=None)
-    tune.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+    tune.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                       help="stop starting new trials after this many minutes")
     tune.add_argument("--weights", type=Path, default=None)
     tune.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS")
@@ -195,14 +202,41 @@ def _quant_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
+    """The inventory, checked whole, targets included, the same way for every command."""
+    from hostkit.build.targets import check_inventory_targets
+
     if args.inventory is not None:
-        return load_inventory(args.inventory)
-    env = os.environ.get("EDGEKIT_INVENTORY")
-    if env:
-        return load_inventory(env)
-    if Path(INVENTORY_FILE).is_file():
-        return load_inventory(INVENTORY_FILE)
-    return parse_inventory(BUILTIN_INVENTORY)
+        inventory = load_inventory(args.inventory)
+    elif os.environ.get("EDGEKIT_INVENTORY"):
+        inventory = load_inventory(os.environ["EDGEKIT_INVENTORY"])
+    elif os.path.isfile(INVENTORY_FILE):
+        inventory = load_inventory(INVENTORY_FILE)
+    else:
+        inventory = parse_inventory(BUILTIN_INVENTORY)
+    check_inventory_targets(inventory)
+    return inventory
+
+
+def _check_models(names: Sequence[str], weights: Path | None) -> None:
+    """Model names and files, checked before any daemon starts or any compile begins."""
+    known: list[str] | None = None
+    for name in names:
+        if name.endswith((".pt2", ".pt")) or os.path.isfile(name):
+            if not os.path.isfile(name):
+                raise ModelError(f"model file {name} not found", stage="model")
+            continue
+        if known is None:
+            from hostkit.models import available_models
+
+            known = available_models()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ModelError(f"unknown model {shown(name)}: {hint}give a torchvision "
+                             "classification model name or a path to a .pt2 file (`edgekit "
+                             "models` lists the names)", stage="model")
+    if weights is not None and not os.path.isfile(weights):
+        raise ModelError(f"weights file {weights} not found", stage="model")
 
 
 def _console(args: argparse.Namespace) -> Any:
@@ -210,7 +244,7 @@ def _console(args: argparse.Namespace) -> Any:
 
     # With --json, stdout carries only JSON; progress and tables go to stderr. Piped output
     # gets a wide fixed width so tables stay one row per result in logs.
-    console = Console(stderr=bool(getattr(args, "json", False)), highlight=False)
+    console = Console(file=terminal() if getattr(args, "json", False) else None, highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 140
     return console
@@ -219,7 +253,7 @@ def _console(args: argparse.Namespace) -> Any:
 def _progress_console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(file=terminal(), highlight=False)
 
 
 def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
@@ -248,9 +282,9 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
     with console.status("starting", spinner="dots") as status:
         def step(device: str, model: str, what: str) -> None:
             label = device if model == "*" else f"{device} · {model}"
-            status.update(f"[bold]{label}[/bold]: {what}")
+            status.update(f"[bold]{escape(label)}[/bold]: {escape(what)}")
             if not console.is_terminal:
-                console.print(f"{label}: {what}", style="dim")
+                console.print(f"{label}: {what}", style="dim", markup=False)
 
         return run_fleet([_with_flags(d, args) for d in devices], specs, options, step)
 
@@ -259,14 +293,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from hostkit.report.render import deploy_summary, to_json
 
     device = _inventory(args).get(args.device)
+    _check_models([args.model], args.weights)
     (result,) = _run(args, [device], [args.model])
     if args.json:
         print(to_json(result.to_json()))
     elif result.ok or result.max_abs_diff is not None:
         deploy_summary(_console(args), result)  # a failed check still shows what was measured
     if not result.ok and not args.json:
-        print(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage})",
-              file=sys.stderr)
+        logs = f"; traceback in {debug_log_path()}" if result.stage == "internal" else ""
+        print(one_line(f"edgekit: error: {result.device}: {result.error} (stage: {result.stage}"
+                       f"{logs})"), file=terminal())
     return 0 if result.ok else 1
 
 
@@ -274,6 +310,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from hostkit.report.render import deploy_summary, profile_table, to_json, write_profile_csv
 
     device = _inventory(args).get(args.device)
+    _check_models([args.model], args.weights)
     (result,) = _run(args, [device], [args.model])
     if args.csv and result.profile:
         write_profile_csv(args.csv, result.profile)
@@ -301,13 +338,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         devices = [inventory.get(name) for name in args.device]
     else:
         raise InventoryError("choose devices with --device NAME, --group G or --all-devices")
-    results = _run(args, devices, args.models or ["resnet18"])
+    models = args.models or ["resnet18"]
+    _check_models(models, args.weights)
+    results = _run(args, devices, models)
     if args.csv:
         write_csv(args.csv, results)
     if args.json:
         print(to_json([r.to_json() for r in results]))
     else:
         bench_table(_console(args), results)
+    internal = sum(r.stage == "internal" for r in results)
+    if internal:
+        print(f"edgekit: unexpected error in {internal} of {len(results)} runs (traceback in "
+              f"{debug_log_path()}; please report it)", file=terminal())
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -315,6 +358,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hostkit.export import export_bundle
 
     device = _inventory(args).get(args.device)
+    _check_models([args.model], args.weights)
     (spec,) = _specs(args, [args.model])
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:
@@ -378,6 +422,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from hostkit.run.tune import tune_on_device
 
     device = _inventory(args).get(args.device)
+    _check_models([args.model], args.weights)
     (spec,) = _specs(args, [args.model])
     summary = tune_on_device(device, spec, trials=args.trials,
                              trials_per_task=args.trials_per_task,
@@ -388,12 +433,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         console = _console(args)
         estimate = summary["estimated_ms"]
         console.print(
-            f"[green]tuned[/green] {summary['model']} on {summary['device']}: "
+            f"[green]tuned[/green] {escape(summary['model'])} on {escape(summary['device'])}: "
             f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
             f"{summary['tune_s']:.0f}s"
             + (f"; sum of the best kernels {estimate:.2f} ms" if estimate is not None else "")
-            + f"; records in {summary['records_dir']}. "
-            f"`edgekit deploy --device {device.name} {args.model}` applies them.")
+            + escape(f"; records in {summary['records_dir']}. "
+                     f"`edgekit deploy --device {device.name} {args.model}` applies them."))
         console.print("slowest kernels (best measured, per inference):")
         for row in summary["kernels"][:5]:
             if row["best_ms"] is None:
@@ -416,8 +461,8 @@ def cmd_board(args: argparse.Namespace) -> int:
     console = _console(args)
     if args.action == "up":
         progress = _progress_console()
-        host, port = emulator.board_up(device, progress=lambda line: progress.print(line,
-                                                                                  style="dim"))
+        host, port = emulator.board_up(
+            device, progress=lambda line: progress.print(line, markup=False, style="dim"))
         state: dict[str, Any] = {"device": device.name, "status": "up", "address": f"{host}:{port}"}
     elif args.action == "down":
         emulator.board_down(device)
@@ -427,7 +472,7 @@ def cmd_board(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json_plain(state))
     else:
-        console.print(" · ".join(f"{k}: {v}" for k, v in state.items()))
+        console.print(" · ".join(f"{k}: {v}" for k, v in state.items()), markup=False)
     return 0
 
 
@@ -441,11 +486,13 @@ def cmd_device(args: argparse.Namespace) -> int:
     device = _inventory(args).get(args.device)
     console = _progress_console()
     with console.status(f"installing devicekit on {device.name}") as status:
-        summary = install_device(device, lambda what: status.update(f"{device.name}: {what}"))
+        summary = install_device(device,
+                                 lambda what: status.update(escape(f"{device.name}: {what}")))
     if args.json:
         print(to_json_plain(dataclasses.asdict(summary)))
     else:
-        _console(args).print(f"[green]installed[/green] devicekit on {device.name}: {summary}")
+        _console(args).print("[green]installed[/green] "
+                             + escape(f"devicekit on {device.name}: {summary}"))
     return 0
 
 
@@ -460,8 +507,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console = _console(args)
         for check in checks:
             mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
-            fix = f" [yellow]→ {check.fix}[/yellow]" if not check.ok and check.fix else ""
-            console.print(f"{mark} {check.name}: {check.detail}{fix}")
+            fix = f" [yellow]→ {escape(check.fix)}[/yellow]" if not check.ok and check.fix else ""
+            console.print(f"{mark} {escape(f'{check.name}: {check.detail}')}{fix}")
     return 0 if all(c.ok for c in checks) else 1
 
 
@@ -488,26 +535,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    # Booting or building the emulated board takes seconds to minutes: show its steps.
-    logging.getLogger("edgekit.board").setLevel(logging.INFO)
-    try:
-        return COMMANDS[args.command](args)
-    except EdgekitError as exc:
-        print(f"edgekit: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("edgekit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug: one line for the user, the traceback for the report
-        log_path = cache_dir() / "logs" / "debug.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(traceback.format_exc())
-        print(f"edgekit: unexpected error: {type(exc).__name__}: {exc} (traceback in {log_path}; "
-              "please report it)", file=sys.stderr)
-        return 1
+    with terminal_hygiene(args.verbose):
+        try:
+            return COMMANDS[args.command](args)
+        except EdgekitError as exc:
+            print(one_line(f"edgekit: error: {exc}"), file=terminal())
+            return 1
+        except KeyboardInterrupt:
+            print("edgekit: interrupted", file=terminal())
+            return 130
+        except Exception as exc:  # a bug: one line for the user, the traceback for the report
+            where = debug_log(traceback.format_exc())
+            saved = f"traceback in {where}" if where else "no debug log could be written"
+            print(one_line(f"edgekit: unexpected error: {type(exc).__name__}: {first_line(exc)} "
+                           f"({saved}; please report it)"), file=terminal())
+            return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ always with `raise ... from exc`, so the cause stays in the debug log.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 __all__ = [
     "EdgekitError",
     "InventoryError",
@@ -29,6 +32,7 @@ __all__ = [
     "TuneError",
     "ExportError",
     "first_line",
+    "shown",
 ]
 
 
@@ -90,3 +94,15 @@ def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line]
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+# Quoted values are cut to a few dozen characters: a message stays one short line, whatever the
+# input held.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: repr, shortened, on one line whatever it holds."""
+    return _REPR.repr(value)

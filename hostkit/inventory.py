@@ -13,20 +13,27 @@ Vocabulary (Ansible-like)::
         groups: [arm]
 
 Precedence, lowest to highest: defaults < groups (in the order the device lists them) < the
-device itself < command-line flags. The file is data, never code: `yaml.safe_load`, and every key
+device itself < command-line flags. The file is data, never code: YAML's safe loader, and every key
 is checked, so a typo is one line naming its dotted path with a did-you-mean.
+
+The file is read as untrusted input, within limits (`hostkit.yamlfile`); every value is checked
+here, numbers against their range; what TVM makes of each target is checked above this module, by
+`hostkit.build.targets.check_inventory_targets`, which the CLI runs on every inventory it loads.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from hostkit.defaults import CONNECT_TIMEOUT_S, DEFAULT_PORT, SESSION_TIMEOUT_S
-from hostkit.errors import InventoryError
+from hostkit.errors import InventoryError, first_line, shown
+from hostkit.yamlfile import MAX_DEPTH, load_yaml_file
 
 __all__ = ["Device", "SshSettings", "Inventory", "load_inventory", "parse_inventory",
            "TRANSPORTS", "MANAGED", "FORMATS"]
@@ -36,6 +43,10 @@ TRANSPORTS = ("rpc", "tracker", "ssh")
 MANAGED = ("none", "local", "qemu-arm64")
 FORMATS = ("so", "tar")
 HOST_KEY_POLICIES = ("strict", "accept-new")
+
+# Longest wait edgekit accepts for a connection and for one RPC session, in seconds.
+MAX_CONNECT_TIMEOUT_S = 3600.0
+MAX_SESSION_TIMEOUT_S = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -95,97 +106,112 @@ class Inventory:
     path: Path | None
     devices: Mapping[str, Device]
     groups: Mapping[str, tuple[str, ...]]
+    # Where each device's target is written (`devices.pi4.target`, `groups.arm.target`, ...).
+    target_keys: Mapping[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> Device:
         if name in self.devices:
             return self.devices[name]
-        known = ", ".join(self.devices) or "none"
         close = difflib.get_close_matches(name, list(self.devices), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise InventoryError(f"unknown device '{name}' in {self._where()}; {hint}known devices: {known}")
+        raise InventoryError(f"unknown device {shown(name)} in {self._where()}; {hint}known "
+                             f"devices: {_listed(self.devices)}")
 
     def group(self, name: str) -> list[Device]:
         if name not in self.groups:
-            known = ", ".join(self.groups) or "none"
-            raise InventoryError(f"unknown group '{name}' in {self._where()}; known groups: {known}")
+            raise InventoryError(f"unknown group {shown(name)} in {self._where()}; known groups: "
+                                 f"{_listed(self.groups)}")
         return [self.devices[d] for d in self.groups[name]]
 
     def _where(self) -> str:
         return str(self.path) if self.path else "the inventory"
 
 
-# Each settable key, the Python types it accepts, and a check of its value.
-_DEVICE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "target": ((str, dict), None),
+def _printable(value: str) -> str | None:
+    bad = next((c for c in value if not c.isprintable()), None)
+    return None if bad is None else (f"holds the unprintable character {bad!r}; write it on one "
+                                     "line without control characters")
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"must be between 1 and 65535, got {shown(value)}"
+
+
+def _host(value: str) -> str | None:
+    problem = _printable(value)
+    if problem:
+        return problem
+    if not value or len(value) > 253 or any(c.isspace() for c in value):
+        return f"must be a host name or an IP address, got {shown(value)}"
+    try:
+        value.encode("idna")
+    except UnicodeError:
+        return (f"is not a valid host name: {shown(value)} (each part between dots is 1 to 63 "
+                "characters)")
+    return None
+
+
+def _tracker(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if (not sep or _host(host) is not None or not port.isascii() or not port.isdigit()
+            or len(port) > 5 or _port(int(port)) is not None):
+        return f"must be HOST:PORT with a port from 1 to 65535, got {shown(value)}"
+    return None
+
+
+def _seconds(most: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        if 0 < value <= most:  # false for nan too
+            return None
+        return f"must be a number of seconds above 0 and at most {most:g}, got {shown(value)}"
+
+    return check
+
+
+def _listed(names: Mapping[str, Any], most: int = 20) -> str:
+    """Names for a message: the first few, and how many more, so a big fleet stays one line."""
+    shown_names = ", ".join(list(names)[:most]) or "none"
+    return shown_names + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+# Each settable key, the Python types it accepts, and a check of its value: the choices, or a
+# function that returns what is wrong with it.
+_Spec = tuple[tuple[type, ...], "tuple[str, ...] | Callable[[Any], str | None] | None"]
+_DEVICE_KEYS: dict[str, _Spec] = {
+    "target": ((str, dict), None),  # its contents: _check_target
     "transport": ((str,), TRANSPORTS),
-    "host": ((str,), None),
-    "port": ((int,), range(1, 65536)),
-    "tracker": ((str,), None),
-    "key": ((str,), None),
-    "cross_compiler": ((str,), None),
-    "session_timeout": ((int, float), None),
-    "connect_timeout": ((int, float), None),
+    "host": ((str,), _host),
+    "port": ((int,), _port),
+    "tracker": ((str,), _tracker),
+    "key": ((str,), _printable),
+    "cross_compiler": ((str,), _printable),
+    "session_timeout": ((int, float), _seconds(MAX_SESSION_TIMEOUT_S)),
+    "connect_timeout": ((int, float), _seconds(MAX_CONNECT_TIMEOUT_S)),
     "format": ((str,), FORMATS),
     "managed": ((str,), MANAGED),
     "emulated": ((bool,), None),
     "description": ((str,), None),
     "ssh": ((dict,), None),
 }
-_SSH_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "port": ((int,), range(1, 65536)),
-    "user": ((str,), None),
-    "key_file": ((str,), None),
-    "known_hosts": ((str,), None),
+_SSH_KEYS: dict[str, _Spec] = {
+    "port": ((int,), _port),
+    "user": ((str,), _printable),
+    "key_file": ((str,), _printable),
+    "known_hosts": ((str,), _printable),
     "host_key_policy": ((str,), HOST_KEY_POLICIES),
-    "work_dir": ((str,), None),
-    "python": ((str,), None),
-    "rpc_port": ((int,), range(1, 65536)),
+    "work_dir": ((str,), _printable),
+    "python": ((str,), _printable),
+    "rpc_port": ((int,), _port),
 }
 _TOP_KEYS = ("defaults", "groups", "devices")
 
 
 def load_inventory(path: str | Path) -> Inventory:
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise InventoryError(f"inventory file {path} not found; pass --inventory FILE or create it "
                              "(see inventory.yaml in the edgekit repository)")
-    import yaml
-
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506
-    except _DuplicateKey as exc:
-        raise InventoryError(f"{path} line {exc.line}: duplicate key '{exc.key}'; each device, group "
-                             "and setting may appear once") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise InventoryError(f"{path}{line}: not valid YAML: "
-                             f"{getattr(exc, 'problem', None) or exc}") from exc
-    return parse_inventory(data, path)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str, line: int) -> None:
-        super().__init__(key)
-        self.key = key
-        self.line = line
-
-
-def _strict_loader() -> type:
-    """yaml's SafeLoader, but a key given twice is an error instead of silently winning."""
-    import yaml
-
-    class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise _DuplicateKey(str(key), key_node.start_mark.line + 1)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return StrictLoader
+    return parse_inventory(load_yaml_file(path), path)
 
 
 def parse_inventory(data: Any, path: Path | None = None) -> Inventory:
@@ -199,6 +225,7 @@ def parse_inventory(data: Any, path: Path | None = None) -> Inventory:
     _check_settings(defaults, "defaults", where)
     groups_raw = _section(data, "groups", where)
     for gname, gsettings in groups_raw.items():
+        _check_name(gname, "group", where)
         if not isinstance(gsettings, dict):
             raise InventoryError(f"{where}: groups.{gname} must be a mapping of settings")
         _check_settings(gsettings, f"groups.{gname}", where)
@@ -207,10 +234,10 @@ def parse_inventory(data: Any, path: Path | None = None) -> Inventory:
         raise InventoryError(f"{where}: no devices defined under 'devices:'")
 
     devices: dict[str, Device] = {}
+    target_keys: dict[str, str] = {}
     members: dict[str, list[str]] = {g: [] for g in groups_raw}
     for name, raw in devices_raw.items():
-        if not isinstance(name, str) or not name:
-            raise InventoryError(f"{where}: device names must be non-empty strings, got {name!r}")
+        _check_name(name, "device", where)
         raw = raw or {}
         if not isinstance(raw, dict):
             raise InventoryError(f"{where}: devices.{name} must be a mapping of settings")
@@ -219,19 +246,35 @@ def parse_inventory(data: Any, path: Path | None = None) -> Inventory:
             dev_groups = [dev_groups]
         if not isinstance(dev_groups, list) or not all(isinstance(g, str) for g in dev_groups):
             raise InventoryError(f"{where}: devices.{name}.groups must be a list of group names")
+        for group in dev_groups:
+            _check_name(group, "group", where)
+        if len(set(dev_groups)) != len(dev_groups):
+            raise InventoryError(f"{where}: devices.{name}.groups names a group twice")
         settings = {k: v for k, v in raw.items() if k != "groups"}
         _check_settings(settings, f"devices.{name}", where, extra=("groups",))
         merged: dict[str, Any] = dict(defaults)
+        target_key = "defaults.target" if "target" in defaults else f"devices.{name}.target"
         for group in dev_groups:
             if group not in groups_raw:
                 members.setdefault(group, [])
             else:
                 _merge(merged, groups_raw[group])
+                if "target" in groups_raw[group]:
+                    target_key = f"groups.{group}.target"
             members[group].append(name)
         _merge(merged, settings)
-        devices[name] = _build_device(name, merged, tuple(dev_groups), where)
+        if "target" in settings:
+            target_key = f"devices.{name}.target"
+        devices[name] = _build_device(name, merged, tuple(dev_groups), where, target_key)
+        target_keys[name] = target_key
     return Inventory(path=path, devices=devices,
-                     groups={g: tuple(m) for g, m in members.items()})
+                     groups={g: tuple(m) for g, m in members.items()}, target_keys=target_keys)
+
+
+def _check_name(name: Any, what: str, where: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > 100 or not name.isprintable():
+        raise InventoryError(f"{where}: {what} names must be printable strings of 1 to 100 "
+                             f"characters, got {shown(name)}")
 
 
 def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -249,13 +292,19 @@ def _merge(into: dict[str, Any], settings: Mapping[str, Any]) -> None:
             into[key] = value
 
 
+def _key_text(key: Any) -> str:
+    if isinstance(key, str):
+        return key if key.isprintable() else shown(key)[1:-1]
+    return shown(key)
+
+
 def _check_keys(mapping: Mapping[str, Any], allowed: tuple[str, ...] | list[str], prefix: str,
                 where: str) -> None:
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(allowed)}"
-            raise InventoryError(f"{where}: unknown key '{prefix}{key}'{hint}")
+            raise InventoryError(f"{where}: unknown key '{prefix}{_key_text(key)}'{hint}")
 
 
 def _check_settings(settings: Mapping[str, Any], prefix: str, where: str,
@@ -265,30 +314,62 @@ def _check_settings(settings: Mapping[str, Any], prefix: str, where: str,
         if key in extra:
             continue
         _check_value(value, _DEVICE_KEYS[key], f"{prefix}.{key}", where)
+        if key == "target":
+            _check_target(value, f"{prefix}.target", where)
         if key == "ssh":
             _check_keys(value, list(_SSH_KEYS), f"{prefix}.ssh.", where)
             for skey, svalue in value.items():
                 _check_value(svalue, _SSH_KEYS[skey], f"{prefix}.ssh.{skey}", where)
 
 
-def _check_value(value: Any, spec: tuple[tuple[type, ...], Any], dotted: str, where: str) -> None:
+def _check_value(value: Any, spec: _Spec, dotted: str, where: str) -> None:
     types, allowed = spec
     # bool is an int in Python; a port of `true` is still a mistake.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         names = " or ".join("mapping" if t is dict else t.__name__ for t in types)
         raise InventoryError(f"{where}: {dotted} must be {names}, got {type(value).__name__} "
-                             f"{value!r}")
-    if allowed is not None and value not in allowed:
-        if isinstance(allowed, range):
-            raise InventoryError(f"{where}: {dotted} must be between {allowed.start} and "
-                                 f"{allowed.stop - 1}, got {value}")
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise InventoryError(f"{where}: {dotted} is '{value}'; {hint}expected one of: "
-                             f"{', '.join(allowed)}")
+                             f"{shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value) and allowed is None:
+        raise InventoryError(f"{where}: {dotted} must be a finite number, got {value}")
+    if isinstance(allowed, tuple):
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), list(allowed), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise InventoryError(f"{where}: {dotted} is {shown(value)}; {hint}expected one of: "
+                                 f"{', '.join(allowed)}")
+    elif allowed is not None:
+        problem = allowed(value)
+        if problem:
+            raise InventoryError(f"{where}: {dotted} {problem}")
 
 
-def _build_device(name: str, merged: dict[str, Any], groups: tuple[str, ...], where: str) -> Device:
+def _check_target(value: Any, dotted: str, where: str, depth: int = 0) -> None:
+    """A target holds what JSON can: TVM reads it as a JSON config (strings, numbers, lists,
+    mappings); what TVM makes of it is checked by hostkit.build.targets."""
+    if depth > MAX_DEPTH:
+        raise InventoryError(f"{where}: {dotted} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or not key.isprintable():
+                raise InventoryError(f"{where}: {dotted} has the option name {shown(key)}; TVM "
+                                     "option names are strings such as kind, mtriple, mcpu")
+            _check_target(item, f"{dotted}.{key}", where, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_target(item, f"{dotted}[{index}]", where, depth + 1)
+    elif isinstance(value, str):
+        problem = _printable(value)
+        if problem:
+            raise InventoryError(f"{where}: {dotted} {problem}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InventoryError(f"{where}: {dotted} must be a finite number, got {value}")
+    elif not isinstance(value, (bool, int, float)):
+        raise InventoryError(f"{where}: {dotted} must be a string, number, list or mapping, got "
+                             f"{type(value).__name__} {shown(value)}")
+
+
+def _build_device(name: str, merged: dict[str, Any], groups: tuple[str, ...], where: str,
+                  target_key: str) -> Device:
     if "target" not in merged:
         raise InventoryError(f"{where}: devices.{name}.target is missing; give a TVM tag such as "
                              "'raspberry-pi/4b-aarch64' or a dict such as {kind: llvm}")
@@ -296,19 +377,18 @@ def _build_device(name: str, merged: dict[str, Any], groups: tuple[str, ...], wh
     if isinstance(target, str) and target.lstrip().startswith("{"):
         try:
             target = json.loads(target)
-        except json.JSONDecodeError as exc:
-            raise InventoryError(f"{where}: devices.{name}.target is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise InventoryError(f"{where}: {target_key} is not valid JSON: "
+                                 f"{first_line(exc)}") from exc
+        if not isinstance(target, dict):
+            raise InventoryError(f"{where}: {target_key} must be a JSON object")
+        _check_target(target, target_key, where)
     if isinstance(target, dict) and "kind" not in target:
-        raise InventoryError(f"{where}: devices.{name}.target needs a 'kind' (llvm, cuda, ...)")
+        raise InventoryError(f"{where}: {target_key} needs a 'kind' (llvm, cuda, ...)")
     transport = merged.get("transport", "rpc")
     if transport == "tracker" and not (merged.get("tracker") and merged.get("key")):
         raise InventoryError(f"{where}: devices.{name} uses transport 'tracker' and needs both "
                              "'tracker: HOST:PORT' and 'key'")
-    tracker = merged.get("tracker")
-    if tracker is not None:
-        host, sep, port = tracker.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise InventoryError(f"{where}: devices.{name}.tracker must be HOST:PORT, got {tracker!r}")
     ssh_raw = merged.pop("ssh", {})
     values = {k: v for k, v in merged.items() if k in {f.name for f in fields(Device)}}
     values["target"] = target

@@ -26,14 +26,34 @@ def test_unknown_device_lists_known(write_inventory: Any, capsys: pytest.Capture
                             "known devices: pi4, local")
 
 
-def test_unknown_model_suggests_close_names(write_inventory: Any, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["deploy", "bench", "tune"])
+def test_unknown_model_refused_before_any_daemon_starts(
+        command: str, write_inventory: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import hostkit.run.deploy
+    import hostkit.run.tune
+
+    def started(*_: Any, **__: Any) -> None:
+        raise AssertionError("a daemon was started for a model that does not exist")
+
+    monkeypatch.setattr(hostkit.run.deploy, "run_fleet", started)
+    monkeypatch.setattr(hostkit.run.tune, "tune_on_device", started)
     inv = write_inventory({"devices": {"local": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
                                                  "port": 9, "managed": "local"}}})
-    assert main(["deploy", "-i", str(inv), "--device", "local", "resnet181", "--json"]) == 1
-    captured = capsys.readouterr()
-    assert '"status": "failed"' in captured.out
-    assert "unknown model 'resnet181': did you mean resnet18" in captured.out
+    assert main([command, "-i", str(inv), "--device", "local", "resnet181", "--json"]) == 1
+    assert _err(capsys) == ("edgekit: error: unknown model 'resnet181': did you mean resnet18, "
+                            "resnet101, resnet152? give a torchvision classification model name or "
+                            "a path to a .pt2 file (`edgekit models` lists the names)")
+
+
+def test_missing_model_and_weights_files(write_inventory: Any, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    inv = write_inventory({"devices": {"x": {"target": {"kind": "llvm"}}}})
+    assert main(["deploy", "-i", str(inv), "-d", "x", str(tmp_path / "net.pt2")]) == 1
+    assert _err(capsys) == f"edgekit: error: model file {tmp_path / 'net.pt2'} not found"
+    assert main(["deploy", "-i", str(inv), "-d", "x", "tinycnn", "--weights",
+                 str(tmp_path / "w.pth")]) == 1
+    assert _err(capsys) == f"edgekit: error: weights file {tmp_path / 'w.pth'} not found"
 
 
 def test_missing_inventory_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,15 +91,28 @@ def test_bench_needs_a_device_selection(write_inventory: Any,
     assert _err(capsys) == "edgekit: error: choose devices with --device NAME, --group G or --all-devices"
 
 
-def test_unknown_target_tag_is_a_failed_row(write_inventory: Any, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    inv = write_inventory({"devices": {"x": {"target": "raspberry-pi/4b-aarch65"}}})
+@pytest.mark.parametrize(("target", "problem"), [
+    ("raspberry-pi/9", "unknown target tag 'raspberry-pi/9'; did you mean "
+                       "'raspberry-pi/4b-aarch64'? use a TVM tag (tvm.target.list_tags()) or a "
+                       "dict such as {kind: llvm}"),
+    ({"kind": "nosuchkind"}, "unknown target kind 'nosuchkind'; known kinds: "),
+    ({"kind": "llvm", "mcpu": 5}, """target {"kind": "llvm", "mcpu": 5} is rejected by TVM: Option"""
+                                  """ 'mcpu': expected type 'str' but got 'int'"""),
+])
+@pytest.mark.parametrize("argv", [["devices"], ["bench", "--all-devices", "tinycnn", "--csv"],
+                                  ["deploy", "-d", "ok", "tinycnn"]])
+def test_what_deploy_refuses_every_command_refuses(
+        write_inventory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        target: Any, problem: str, argv: list[str]) -> None:
+    """The inventory is checked whole at load: one bad target refuses it for every command."""
+    inv = write_inventory({"groups": {"arm": {"target": target}},
+                           "devices": {"ok": {"target": {"kind": "llvm"}},
+                                       "pi4": {"groups": ["arm"]}}})
     out_csv = tmp_path / "r.csv"
-    assert main(["bench", "-i", str(inv), "--all-devices", "tinycnn", "--json",
-                 "--csv", str(out_csv)]) == 1
-    out = capsys.readouterr().out
-    assert "unknown target 'raspberry-pi/4b-aarch65'" in out and '"stage": "target"' in out
-    assert out_csv.exists() and not list(tmp_path.glob(".r.csv.*"))
+    argv = [*argv, str(out_csv)] if argv[-1] == "--csv" else argv
+    assert main([argv[0], "-i", str(inv), *argv[1:]]) == 1
+    assert _err(capsys).startswith(f"edgekit: error: {inv}: groups.arm.target: {problem}")
+    assert not list(tmp_path.glob("*r.csv*")), "nothing half-written"
 
 
 def test_unresolvable_board_fails_fast_without_compiling(write_inventory: Any,
@@ -102,3 +135,42 @@ def test_unreachable_deploy_is_one_red_line(write_inventory: Any,
     errors = [ln for ln in captured.err.splitlines() if ln.startswith("edgekit: error:")]
     assert errors == ["edgekit: error: pi4: cannot resolve host pi4.invalid (check the host in the "
                       "inventory, or use an IP address) (stage: connect)"]
+
+
+def test_unexpected_error_is_one_line_and_the_tracebacks_go_to_the_debug_log(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+    import sys
+    import warnings
+
+    import hostkit.cli
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+
+    def broken(args: Any) -> int:
+        try:
+            {}["missing"]
+        except KeyError:  # what run_fleet does with an unmapped failure: log it, report a row
+            logging.getLogger("edgekit").exception("unexpected error on %s", "dev")
+        library = logging.getLogger("a-library")  # its own handler, as torch's logging has
+        handler = logging.StreamHandler(sys.stderr)
+        library.addHandler(handler)
+        monkeypatch.setattr(library, "propagate", False)
+        library.warning("Traceback (most recent call last):\n  a library's own")
+        library.removeHandler(handler)
+        warnings.warn("a library warning")
+        print("a library writing to stderr", file=sys.stderr)
+        print("edgekit: note: printed to sys.stderr by edgekit code", file=sys.stderr)
+        raise RuntimeError("first\nline two")
+
+    monkeypatch.setitem(hostkit.cli.COMMANDS, "models", broken)
+    assert main(["models"]) == 1
+    log = tmp_path / "logs" / "debug.log"
+    assert capsys.readouterr().err == ("edgekit: note: printed to sys.stderr by edgekit code\n"
+                                       f"edgekit: unexpected error: RuntimeError: line two "
+                                       f"(traceback in {log}; please report it)\n")
+    text = log.read_text()
+    for needle in ("KeyError: 'missing'", "a library's own", "a library warning",
+                   "a library writing to stderr", "RuntimeError: first"):
+        assert needle in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,35 @@ BAD = [
     ({"device": {}}, "inventory: unknown key 'device'; did you mean 'devices'?"),
     ({"groups": {"g": {"hots": "x"}}, "devices": {"x": {"target": {"kind": "llvm"}}}},
      "inventory: unknown key 'groups.g.hots'; did you mean 'host'?"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "session_timeout": -5}}},
+     "inventory: devices.x.session_timeout must be a number of seconds above 0 and at most 604800, "
+     "got -5"),
+    ({"defaults": {"connect_timeout": 0}, "devices": {"x": {"target": {"kind": "llvm"}}}},
+     "inventory: defaults.connect_timeout must be a number of seconds above 0 and at most 3600, "
+     "got 0"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "connect_timeout": float("nan")}}},
+     "inventory: devices.x.connect_timeout must be a number of seconds above 0 and at most 3600, "
+     "got nan"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "port": 10**40}}},
+     "inventory: devices.x.port must be between 1 and 65535, got 10000000000000000000000000000000000"
+     "000000"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "tracker": "h:99999"}}},
+     "inventory: devices.x.tracker must be HOST:PORT with a port from 1 to 65535, got 'h:99999'"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "host": "a..b"}}},
+     "inventory: devices.x.host is not a valid host name: 'a..b' (each part between dots is 1 to 63 "
+     "characters)"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "host": "pi\x00"}}},
+     "inventory: devices.x.host holds the unprintable character '\\x00'; write it on one line "
+     "without control characters"),
+    ({"devices": {"a\nb": {"target": {"kind": "llvm"}}}},
+     "inventory: device names must be printable strings of 1 to 100 characters, got 'a\\nb'"),
+    ({"devices": {"pi\u00e4": {"target": {"kind": "llvm"}, "descripti\u00f6n": 1}}},
+     "inventory: unknown key 'devices.pi\u00e4.descripti\u00f6n'; did you mean 'description'?"),
+    ({"devices": {"x": {"target": {"kind": "llvm", "mcpu": None}}}},
+     "inventory: devices.x.target.mcpu must be a string, number, list or mapping, got NoneType None"),
+    ({"groups": {"arm": {"target": '{"mcpu": "a72"}'}},
+      "devices": {"x": {"groups": ["arm"]}}},
+     "inventory: groups.arm.target needs a 'kind' (llvm, cuda, ...)"),
 ]
 
 
@@ -121,3 +151,67 @@ def test_unknown_device_and_group_list_known_names() -> None:
                               "devices: a, b, c, d")
     with pytest.raises(InventoryError, match="unknown group 'armm'.*known groups: arm, slow"):
         inv.group("armm")
+
+
+def _refused(path: Path) -> str:
+    start = time.perf_counter()
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path)
+    assert time.perf_counter() - start < 2.0, "a hostile inventory must be refused at once"
+    return str(err.value)
+
+
+def test_alias_bomb_refused_before_it_expands(tmp_path: Path) -> None:
+    """Nine levels of nine aliases would be 9**9 strings; the aliases are counted first."""
+    levels = ['&a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("devices:\n  x:\n    target: {kind: llvm}\n    description:\n"
+                    + "".join(f"      - {level}\n" for level in levels))
+    assert _refused(path) == (f"{path} line 9: more than 32 aliases (*name); an inventory needs few "
+                              "or none: share settings through groups or defaults")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("devices: &a\n  x: *a\n", "line 2: alias *a sits inside the value it names"),
+    ("devices: " + "{a: " * 40 + "1" + "}" * 40 + "\n", "line 1: nested more than 16 levels deep"),
+    ("d: &a [[[[[[[[[[1]]]]]]]]]]\ne: [[[[[[[*a]]]]]]]\n",
+     "line 2: nested more than 16 levels deep"),
+    ("devices: [" + ",".join(["1"] * 200_001) + "]\n",
+     "line 1: expands to more than 200000 values (aliases counted expanded); an inventory needs far "
+     "fewer"),
+    ("devices:\n  x:\n    port: " + "9" * 5000 + "\n",
+     ": holds a value edgekit cannot read: Exceeds the limit (4300 digits) for integer string "
+     "conversion: value has 5000 digits"),
+    ("devices:\n  ? [a]\n  : 1\n", "line 2: not valid YAML: found unhashable key"),
+])
+def test_hostile_yaml_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    assert _refused(path) == f"{path}{' ' if message.startswith('line') else ''}{message}"
+
+
+def test_merge_keys_still_share_settings(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text("groups:\n  arm: &base {port: 9000}\n"
+                    "devices:\n  x:\n    <<: *base\n    target: {kind: llvm}\n")
+    assert load_inventory(path).get("x").port == 9000
+
+
+def test_oversized_and_binary_files_name_the_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (1 << 20) + b"\n")
+    assert _refused(big) == (f"{big}: larger than 1 MiB; an inventory is a short YAML file (is this "
+                             "the right file?)")
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(bytes(range(128, 256)) * 100)
+    assert _refused(junk) == (f"{junk}: not UTF-8 text (byte 0x80 at offset 0); an inventory is a "
+                              "YAML text file")
+
+
+def test_a_big_fleet_is_listed_in_one_short_line() -> None:
+    inv = parse_inventory({"devices": {f"pi{i}": {"target": {"kind": "llvm"}} for i in range(25)}})
+    with pytest.raises(InventoryError) as err:
+        inv.get("nuc\n")
+    assert str(err.value).endswith("pi18, pi19 and 5 more")
+    assert "unknown device 'nuc\\n'" in str(err.value)

@@ -4,25 +4,42 @@ A target is a TVM tag (`raspberry-pi/4b-aarch64`) or a JSON dict (`{"kind": "llv
 "aarch64-linux-gnu", "mattr": ["+neon"]}`). When the target's triple is not this machine's, the
 library is linked with a cross compiler: the inventory's `cross_compiler`, else a default per
 triple, checked with `CC -dumpmachine` before any compile starts.
+
+`check_inventory_targets` asks TVM about every target when an inventory is loaded, so a tag deploy
+would refuse is refused by every command, naming the file and the dotted key. TVM takes seconds to
+import, so its verdicts are kept in the cache per TVM version and only a new target imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import platform
 import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hostkit.errors import TargetError
-from hostkit.inventory import Device
+from hostkit.defaults import cache_dir
+from hostkit.errors import InventoryError, TargetError, first_line
+from hostkit.inventory import Device, Inventory
 
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "CROSS_TOOLCHAINS",
-           "arch_of_triple"]
+__all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "check_inventory_targets",
+           "CROSS_TOOLCHAINS", "arch_of_triple"]
+
+log = logging.getLogger("edgekit")
+# Verdicts kept in the cache: enough for every target a fleet has, bounded whatever is tried.
+_MAX_VERDICTS = 512
+# Importing TVM in a child takes about 2 s; a minute means something is wrong with the install.
+_ASK_TIMEOUT_S = 60.0
 
 # Triple prefix -> (default compiler, Debian package that provides it).
 CROSS_TOOLCHAINS: dict[str, tuple[str, str]] = {
@@ -80,10 +97,7 @@ def resolve_target(device: Device) -> ResolvedTarget:
     """The device's TVM target; an unknown tag or a rejected dict is one line naming the device."""
     import tvm
 
-    spec: Any = device.target if isinstance(device.target, str) else dict(device.target)
-    if isinstance(spec, dict) and str(spec.get("mtriple", "")).endswith("gnueabihf"):
-        # A hard-float triple needs the hard-float ABI, or the linker refuses to mix the objects.
-        spec.setdefault("mfloat-abi", "hard")
+    spec = _spec(device)
     try:
         target = tvm.target.Target(spec)
     except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
@@ -95,22 +109,146 @@ def resolve_target(device: Device) -> ResolvedTarget:
     return ResolvedTarget(target=target, triple=triple, kind=str(target.kind.name))
 
 
+def _spec(device: Device) -> Any:
+    """The device's target as TVM is given it."""
+    spec: Any = device.target if isinstance(device.target, str) else dict(device.target)
+    if isinstance(spec, dict) and str(spec.get("mtriple", "")).endswith("gnueabihf"):
+        # A hard-float triple needs the hard-float ABI, or the linker refuses to mix the objects.
+        spec.setdefault("mfloat-abi", "hard")
+    return spec
+
+
 def _explain(spec: Any, exc: Exception) -> str:
-    text = str(exc)
+    import difflib
+
+    import tvm
+
     if isinstance(spec, str) and " -" in spec:
-        return (f"target '{spec}' uses the old string form, which TVM 0.27 rejects; write it as a "
+        return (f"target {spec!r} uses the old string form, which TVM 0.27 rejects; write it as a "
                 f'dict, e.g. {{kind: llvm, mcpu: cortex-a72}}')
     if isinstance(spec, str):
-        import difflib
-
-        import tvm
-
-        tags = list(tvm.target.list_tags())
-        close = difflib.get_close_matches(spec, tags, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(spec, list(tvm.target.list_tags()), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown target '{spec}': {hint}use a TVM tag (tvm.target.list_tags()) or a dict"
-    first = next((ln for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return f"target {json.dumps(spec)} is rejected by TVM: {first.strip()[:200]}"
+        return (f"unknown target tag {spec[:80]!r}; {hint}use a TVM tag (tvm.target.list_tags()) "
+                "or a dict such as {kind: llvm}")
+    kinds = [str(kind) for kind in tvm.target.Target.list_kinds()]
+    kind = spec.get("kind")
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), kinds, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown target kind {str(kind)[:80]!r}; {hint}known kinds: {', '.join(kinds)}"
+    reason = first_line(exc).split(". Target creation from")[0]
+    return f"target {json.dumps(spec, default=str)[:200]} is rejected by TVM: {reason[:200]}"
+
+
+def check_inventory_targets(inventory: Inventory) -> None:
+    """InventoryError for the first target TVM would refuse, naming the file and the dotted key.
+
+    Each distinct target is asked once; a target TVM has already judged (same TVM version) is
+    answered from the cache without importing TVM.
+    """
+    specs: dict[str, tuple[Any, str]] = {}
+    for device in inventory.devices.values():
+        spec = _spec(device)
+        dotted = inventory.target_keys.get(device.name, f"devices.{device.name}.target")
+        specs.setdefault(json.dumps(spec, sort_keys=True, default=str), (spec, dotted))
+    where = str(inventory.path) if inventory.path else "inventory"
+    version, verdicts = _load_verdicts()
+    new = [key for key in specs if key not in verdicts]
+    if new:
+        verdicts.update(zip(new, _ask_tvm([specs[key][0] for key in new], where)))
+        _save_verdicts(version, verdicts)
+    for key, (_, dotted) in specs.items():
+        if verdicts[key]:
+            raise InventoryError(f"{where}: {dotted}: {verdicts[key]}")
+
+
+def _ask_tvm(specs: list[Any], where: str) -> list[str | None]:
+    """TVM's verdict on each target, from a child Python that imports TVM without torch.
+
+    That takes half the time and a quarter of the memory of importing TVM here (TVM's FFI imports
+    torch when it can), and TVM's own warnings ("Unable to detect CUDA version") stay off the
+    user's terminal.
+    """
+    import hostkit
+
+    root = str(Path(hostkit.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from hostkit.build.targets import _judge_targets; _judge_targets()")
+    proc: subprocess.CompletedProcess[str] | None = None
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs),
+                              capture_output=True, text=True, timeout=_ASK_TIMEOUT_S,
+                              env={**os.environ, "PYTHONPATH": path})
+        answers = json.loads(proc.stdout)
+        if (not isinstance(answers, list) or len(answers) != len(specs)
+                or not all(a is None or isinstance(a, str) for a in answers)):
+            raise ValueError(f"unexpected answer {proc.stdout[:200]!r}")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.debug("the target check failed: %s; its stderr: %s", exc, proc and proc.stderr)
+        raise InventoryError(f"{where}: TVM could not check the targets ({first_line(exc)}); "
+                             "does `python -c 'import tvm'` work?") from exc
+    return answers
+
+
+def _judge_targets() -> None:
+    """The child's side of _ask_tvm: targets as JSON on stdin, verdicts as JSON on stdout."""
+    import tvm
+
+    verdicts: list[str | None] = []
+    for spec in json.load(sys.stdin):
+        try:
+            tvm.target.Target(spec)
+            verdicts.append(None)
+        except Exception as exc:  # TVM raises ValueError or its own errors for bad targets
+            verdicts.append(_explain(spec, exc))
+    json.dump(verdicts, sys.stdout)
+
+
+def _verdicts_path() -> Path:
+    return cache_dir() / "targets.json"
+
+
+def _tvm_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        return None  # a TVM built from source: no version to key verdicts by, so none are kept
+
+
+def _load_verdicts() -> tuple[str | None, dict[str, str | None]]:
+    version = _tvm_version()
+    try:
+        data = json.loads(_verdicts_path().read_text(encoding="utf-8"))
+        kept = data["verdicts"] if version is not None and data["tvm"] == version else {}
+        verdicts = {str(k): v for k, v in dict(kept).items() if v is None or isinstance(v, str)}
+    except (OSError, ValueError, TypeError, KeyError):
+        verdicts = {}  # no cache yet, or an unreadable one: ask TVM again
+    return version, verdicts
+
+
+def _save_verdicts(version: str | None, verdicts: dict[str, str | None]) -> None:
+    """Replace the cache file whole (a reader never sees half of it); a failure only costs time."""
+    if version is None:
+        return
+    path = _verdicts_path()
+    kept = dict(list(verdicts.items())[-_MAX_VERDICTS:])
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".targets.", suffix=".tmp",
+                                         delete=False, encoding="utf-8") as tmp:
+            tmp_name = tmp.name
+            json.dump({"tvm": version, "verdicts": kept}, tmp)
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        log.debug("could not keep target verdicts in %s: %s", path, exc)
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
 
 
 def check_cross_compiler(device: Device, resolved: ResolvedTarget,

@@ -1,4 +1,8 @@
-"""Rendering: result records to rich tables, JSON and CSV. No logic that decides anything."""
+"""Rendering: result records to rich tables, JSON and CSV. No logic that decides anything.
+
+Every value that comes from the user, a device or an error is escaped before rich reads it, so a
+device named `[/x]` is shown as written instead of being read as markup.
+"""
 
 from __future__ import annotations
 
@@ -51,19 +55,19 @@ def _status(result: RunResult) -> str:
 
 
 def deploy_summary(console: Console, result: RunResult) -> None:
-    table = Table(title=f"edgekit deploy: {result.model} on {result.device}", show_header=False,
-                  title_justify="left")
+    table = Table(title=f"edgekit deploy: {escape(result.model)} on {escape(result.device)}",
+                  show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     info = result.device_info
     rows: list[tuple[str, str]] = [("status", _status(result))]
     if result.error:
-        rows.append(("error", f"[red]{result.error}[/red] (stage: {result.stage})"))
+        rows.append(("error", f"[red]{escape(result.error)}[/red] (stage: {result.stage})"))
     if info:
-        rows.append(("device", f"{info.get('arch')} · {info.get('cores')} cores · "
-                               f"{info.get('cpu')} · {info.get('os')}"))
+        rows.append(("device", escape(f"{info.get('arch')} · {info.get('cores')} cores · "
+                                      f"{info.get('cpu')} · {info.get('os')}")))
     rows += [
-        ("target", result.target or "-"),
+        ("target", escape(result.target or "-")),
         ("artifact", f"{result.artifact_sha256[:16]}… ({(result.artifact_bytes or 0) / 1e6:.1f} MB"
                      f"{', cached' if result.cached else ''})" if result.artifact_sha256 else "-"),
         ("precision", _precision(result)),
@@ -153,13 +157,13 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
         table.add_column("C++ rel err", justify="right")
     for r in results:
         lat = r.latency_ms
-        device = f"{r.device}*" if r.emulated else r.device
-        tail = r.target or "-" if r.ok else f"[red]{r.error}[/red]"
+        device = escape(f"{r.device}*" if r.emulated else r.device)
+        tail = escape(r.target or "-") if r.ok else f"[red]{escape(r.error or '')}[/red]"
         extra = []
         if cpp:
             c_lat = r.cpp.latency_ms if r.cpp else None
             extra = [_ms(c_lat.p50 if c_lat else None), _diff(r.cpp.rel_err if r.cpp else None)]
-        table.add_row(device, r.model, _status(r), _ms(lat.p50 if lat else None),
+        table.add_row(device, escape(r.model), _status(r), _ms(lat.p50 if lat else None),
                       _ms(lat.p90 if lat else None),
                       f"{_ms(lat.mean)} ± {_ms(lat.std)}" if lat else "-",
                       str(lat.n) if lat else "-", _ms(r.first_inference_ms), _sec(r.load_s),
@@ -178,7 +182,8 @@ def profile_table(console: Console, result: RunResult, top: int | None) -> None:
     profile = result.profile or {}
     rows = profile.get("rows", [])
     emulated = " [yellow](emulated board: qemu timings)[/yellow]" if result.emulated else ""
-    table = Table(title=f"edgekit profile: {result.model} on {result.device}, per inference over "
+    table = Table(title=f"edgekit profile: {escape(result.model)} on {escape(result.device)}, "
+                        "per inference over "
                         f"{profile.get('runs')} runs{emulated}", title_justify="left")
     for name, justify in [("kernel", "left"), ("calls", "right"), ("total ms", "right"),
                           ("mean ms", "right"), ("share", "right"), ("GFLOP/s", "right"),
@@ -222,11 +227,11 @@ def compare_table(console: Console, changes: Sequence[Change], max_slowdown: flo
             verdict = f"[yellow]only in the {c.only_in} run[/yellow]"
         elif c.regressed:
             why = [f"slower by more than {max_slowdown:g}%"] if c.slower else []
-            verdict = "[red]" + "; ".join([*why, *([c.worse_check] if c.worse_check else [])]) \
-                + "[/red]"
+            verdict = "[red]" + escape("; ".join([*why, *([c.worse_check] if c.worse_check
+                                                           else [])])) + "[/red]"
         else:
             verdict = "[green]ok[/green]"
-        table.add_row(c.device, c.model, _ms(c.old_p50), _ms(c.new_p50),
+        table.add_row(escape(c.device), escape(c.model), _ms(c.old_p50), _ms(c.new_p50),
                       "-" if c.change is None else f"{c.change:+.1%}",
                       "-" if c.noise_ms is None else f"±{c.noise_ms:.2f}", verdict)
     console.print(table)
@@ -242,9 +247,9 @@ def devices_table(console: Console, rows: Iterable[dict[str, Any]]) -> None:
         table.add_column(name, overflow="fold")
     for row in rows:
         colour = {"reachable": "green", "unreachable": "red"}.get(row["status"], "yellow")
-        table.add_row(row["device"], row["transport"], row["address"], row["target"],
-                      ", ".join(row["groups"]) or "-", f"[{colour}]{row['status']}[/{colour}]",
-                      row["reports"])
+        table.add_row(escape(row["device"]), row["transport"], escape(row["address"]),
+                      escape(row["target"]), escape(", ".join(row["groups"]) or "-"),
+                      f"[{colour}]{row['status']}[/{colour}]", escape(row["reports"]))
     console.print(table)
 
 
@@ -252,7 +257,7 @@ def _tuned(result: RunResult) -> str:
     if not result.tuned:
         return "no"
     kernels = f"{result.tuned_kernels} kernels, " if result.tuned_kernels else ""
-    return f"yes ({kernels}records {result.records or '-'})"
+    return f"yes ({kernels}records {escape(result.records or '-')})"
 
 
 def to_json(data: Any) -> str:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from hostkit.build.targets import arch_of_triple, check_cross_compiler, resolve_target
-from hostkit.errors import TargetError
+from hostkit.build.targets import (
+    arch_of_triple,
+    check_cross_compiler,
+    check_inventory_targets,
+    resolve_target,
+)
+from hostkit.errors import InventoryError, TargetError
 from hostkit.inventory import parse_inventory
 
 
@@ -31,8 +38,8 @@ def test_resolve_tag_and_dict_targets() -> None:
 def test_bad_targets_are_one_line() -> None:
     with pytest.raises(TargetError) as err:
         resolve_target(_device("raspberry-pi/4b-aarch65"))
-    assert str(err.value).startswith("d: unknown target 'raspberry-pi/4b-aarch65': did you mean "
-                                     "'raspberry-pi/4b-aarch64'?")
+    assert str(err.value).startswith("d: unknown target tag 'raspberry-pi/4b-aarch65'; did you "
+                                     "mean 'raspberry-pi/4b-aarch64'?")
     with pytest.raises(TargetError, match="old string form"):
         resolve_target(_device("llvm -mcpu=cortex-a72"))
 
@@ -49,3 +56,32 @@ def test_missing_cross_compiler_names_the_debian_package() -> None:
         check_cross_compiler(wrong, resolve_target(wrong))
     tar = _device("raspberry-pi/4b-aarch64", cross_compiler="no-such-gcc", format="tar")
     assert check_cross_compiler(tar, resolve_target(tar)) is None
+
+
+def test_inventory_targets_checked_once_then_answered_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostkit.build import targets
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    inventory = parse_inventory({"groups": {"arm": {"target": "raspberry-pi/9"}},
+                                 "devices": {"a": {"target": {"kind": "llvm"}},
+                                             "b": {"target": {"kind": "llvm"}, "groups": ["arm"]},
+                                             "c": {"groups": ["arm"]}}})
+    with pytest.raises(InventoryError) as err:
+        check_inventory_targets(inventory)
+    assert str(err.value).startswith("inventory: groups.arm.target: unknown target tag "
+                                     "'raspberry-pi/9'; did you mean 'raspberry-pi/4b-aarch64'?")
+
+    def no_tvm(specs: list, where: str) -> list:
+        raise AssertionError(f"TVM asked again about {specs}")
+
+    monkeypatch.setattr(targets, "_ask_tvm", no_tvm)
+    with pytest.raises(InventoryError, match="groups.arm.target: unknown target tag"):
+        check_inventory_targets(inventory)
+    check_inventory_targets(parse_inventory({"devices": {"a": {"target": {"kind": "llvm"}}}}))
+    # A damaged cache file is asked again, not trusted.
+    (tmp_path / "targets.json").write_text('{"tvm": 1, "verdicts": [')
+    monkeypatch.setattr(targets, "_ask_tvm", lambda specs, where: ["refused"] * len(specs))
+    with pytest.raises(InventoryError, match="devices.a.target: refused"):
+        check_inventory_targets(parse_inventory({"devices": {"a": {"target": {"kind": "llvm"}}}}))
+    assert not list(tmp_path.glob(".targets.*")), "no temporary file left behind"

@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from hostkit.report.render import bench_table, deploy_summary
+from hostkit.report.render import bench_table, deploy_summary, devices_table
 from hostkit.report.results import Latency, RunResult
 
 
@@ -38,3 +38,15 @@ def test_reports_render_status_and_reasons() -> None:
     summary = _render(deploy_summary, ok)
     assert "relative error 2.50e-07 (max abs diff 1.00e-06, PyTorch's outputs up to 4.00e+00)" \
         in summary and "p50 5.50 ms" in summary
+
+
+def test_names_and_errors_are_shown_as_written_not_read_as_markup() -> None:
+    """Inventory names and error text are data: `[/x]` must neither vanish nor break rich."""
+    failed = RunResult(device="[/x]", model="[bold]m", status="failed",
+                       error="unknown key '[red]' in [/y]", stage="model")
+    for text in (_render(deploy_summary, failed), _render(bench_table, [failed])):
+        assert "[/x]" in text and "[bold]m" in text and "unknown key '[red]' in [/y]" in text
+    row = {"device": "[/x]", "transport": "rpc", "address": "h:9", "target": "[/t]",
+           "groups": ["[g]"], "status": "unreachable", "reports": "[/r]"}
+    text = _render(devices_table, [row])
+    assert all(word in text for word in ("[/x]", "[/t]", "[g]", "[/r]"))
