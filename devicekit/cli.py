@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,6 +77,10 @@ def _run_tracker(host: str, port: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
+    # tvm_ffi imports torch when it can and asks it about CUDA, which initialises CUDA in the
+    # daemon; every RPC session is a fork of it, and a fork cannot use a CUDA context its parent
+    # made (cudaErrorInitializationError). The device side never needs torch's DLPack bridge.
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     if args.command == "info":
         from devicekit.info import device_info
 

@@ -203,7 +203,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
 
         note(device.name, spec.name, "loading on device")
         start = time.perf_counter()
-        loaded = session.load(artifact.sha256)
+        loaded = session.load(artifact.sha256, resolved.kind)
         result.load_s = time.perf_counter() - start
 
         note(device.name, spec.name, "first inference")

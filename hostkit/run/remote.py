@@ -73,13 +73,14 @@ class DeviceSession:
         self.transport.put_artifact(self.sess, path, sha256, progress)
         return True, time.perf_counter() - start
 
-    def load(self, sha256: str) -> "LoadedRemote":
+    def load(self, sha256: str, target_kind: str = "llvm") -> "LoadedRemote":
+        """Load an artifact on the device, on the device kind its target was built for."""
         from tvm import relax
 
         try:
             lib_path = self.sess.get_function("edgekit.artifact_path")(sha256)
             module = self.sess.load_module(lib_path)
-            dev = self.sess.cpu() if _is_cpu(module) else self.sess.cuda()
+            dev = self.sess.device(device_type_for(target_kind), 0)
             vm = relax.VirtualMachine(module, dev)
         except Exception as exc:
             raise RemoteError(f"loading the model on the device failed: {_device_error(exc)}",
@@ -100,13 +101,14 @@ class DeviceSession:
         gc.collect()
 
 
-def _is_cpu(module: Any) -> bool:
-    """Whether a VM library needs no GPU: true unless it imports a CUDA module."""
-    try:
-        kinds = {m.kind for m in module.imports}
-    except Exception:
-        return True
-    return "cuda" not in kinds
+# Target kinds that run on an accelerator, and TVM's device type for each (runtime/device.h).
+# A module loaded over RPC reports no imports, so the target, not the module, says where to run.
+DEVICE_TYPES = {"cuda": 2, "rocm": 10, "vulkan": 7, "opencl": 4, "metal": 8}
+
+
+def device_type_for(target_kind: str) -> int:
+    """TVM's device type for a target kind: its accelerator, or the CPU (1) for llvm and c."""
+    return DEVICE_TYPES.get(target_kind, 1)
 
 
 def _device_error(exc: BaseException) -> str:
