@@ -23,16 +23,33 @@ def load_program_file(spec: ModelSpec) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"{path} is not a saved ExportedProgram (torch.export.save): "
                          f"{str(exc).splitlines()[0][:200]}", stage="model") from exc
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"
+                    and node.name in program.graph_signature.user_inputs]
+    if not placeholders:
+        raise ModelError(f"{path}: the saved program takes no inputs, so there is nothing to feed "
+                         "it; export the model with example inputs", stage="model")
+    saved = [tuple(node.meta["val"].shape) for node in placeholders]
     given = [read_input(Path(p), path.name, None) for p in spec.inputs]
+    if given and len(given) != len(saved):
+        raise ModelError(f"{path} takes {len(saved)} inputs "
+                         f"({', '.join(n.name for n in placeholders)}); got {len(given)} --input "
+                         "files", stage="model")
     if given:
         shapes = [tuple(x.shape) for x in given]
     elif spec.input_shape is not None:
         shapes = [spec.input_shape]
     else:
-        shapes = [tuple(node.meta["val"].shape) for node in program.graph.nodes
-                  if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
-    if not shapes:
-        raise ModelError(f"{path}: cannot tell its input shape; pass --input-shape", stage="model")
+        shapes = saved
+    if len(shapes) != len(saved):
+        raise ModelError(f"{path} takes {len(saved)} inputs "
+                         f"({', '.join(n.name for n in placeholders)}); --input-shape gives one "
+                         "shape: pass one --input FILE per input instead", stage="model")
+    for i, (shape, want) in enumerate(zip(shapes, saved)):
+        static = all(isinstance(d, int) for d in want)
+        if static and tuple(shape) != tuple(want):
+            raise ModelError(f"{path}: input {i} ({placeholders[i].name}) was saved with shape "
+                             f"{tuple(want)}; got {tuple(shape)} (export it again for that shape, "
+                             "or with dynamic dimensions)", stage="model")
     inputs = given or [make_input(tuple(int(d) for d in s), spec.seed + i)
                        for i, s in enumerate(shapes)]
     digest = hashlib.sha256(path.read_bytes())

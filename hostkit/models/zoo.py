@@ -159,11 +159,32 @@ def _load_weights(module: "torch.nn.Module", path: Path, name: str) -> None:
                          f"{str(exc).splitlines()[0][:200]}", stage="model") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {path} holds a {type(state).__name__}, not a state dict "
+                         "(save one with torch.save(model.state_dict(), FILE))", stage="model")
+    mismatch = _first_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise ModelError(f"weights file {path} does not fit {name}: {mismatch}", stage="model")
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0][:200]
         raise ModelError(f"weights file {path} does not fit {name}: {first}", stage="model") from exc
+
+
+def _first_mismatch(want: dict[str, Any], have: dict[str, Any]) -> str | None:
+    """The first key the weights file lacks, adds, or holds in another shape, in words."""
+    for key, tensor in want.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key not in have:
+            return f"it has no '{key}' (is it for another architecture?)"
+        got = tuple(getattr(have[key], "shape", ()))
+        if got != tuple(tensor.shape):
+            return (f"'{key}' has shape {got} in the file, {tuple(tensor.shape)} in the model "
+                    "(another number of classes, or another architecture?)")
+    extra = next((k for k in have if k not in want), None)
+    return f"it has '{extra}', which the model lacks" if extra else None
 
 
 def _hash_module(name: str, module: "torch.nn.Module", shape: tuple[int, ...]) -> str:
