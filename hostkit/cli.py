@@ -46,6 +46,14 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """DIMS, or NAME=DIMS for one input of a model with several."""
+    name, sep, dims = text.partition("=")
+    if sep and name.isidentifier():
+        return name, _shape(dims)
+    return None, _shape(text)
+
+
 def _positive(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -97,11 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=_count, default=DEFAULT_WARMUP,
                      help=f"untimed runs before timing (default {DEFAULT_WARMUP})")
     run.add_argument("--weights", type=Path, default=None, help="a state dict for the model")
-    run.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
-                     help="input shape, e.g. 1,3,224,224")
-    run.add_argument("--input", action="append", default=None, metavar="FILE",
+    run.add_argument("--input-shape", type=_named_shape, action="append", default=None,
+                     metavar="[NAME=]DIMS", help="input shape, e.g. 1,3,224,224; NAME=DIMS per "
+                     "input of a saved program with several (repeat)")
+    run.add_argument("--input", action="append", default=None, metavar="[NAME=]FILE",
                      help="an image (.jpg, .png: preprocessed as the model's torchvision "
-                          "transforms do) or a .npy tensor; repeat for a model with several inputs")
+                          "transforms do) or a .npy tensor; NAME=FILE per input of a saved "
+                          "program with several (repeat)")
     run.add_argument("--format", choices=["so", "tar"], default=None,
                      help="artifact format: so (linked here) or tar (linked on the board)")
     run.add_argument("--rtol", type=_positive_float, default=CHECK_RTOL,
@@ -152,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--archive", action="store_true",
                      help="write DIR.tar.gz instead, byte-for-byte reproducible")
     exp.add_argument("--weights", type=Path, default=None, help="a state dict for the model")
-    exp.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
+    exp.add_argument("--input-shape", type=_named_shape, action="append", default=None,
+                     metavar="[NAME=]DIMS",
                      help="input shape, e.g. 1,3,224,224")
     exp.add_argument("--no-tuning", action="store_true", help="ignore tuning records")
     _quant_flags(exp)
@@ -168,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                       help="stop starting new trials after this many minutes")
     tune.add_argument("--weights", type=Path, default=None)
-    tune.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS")
+    tune.add_argument("--input-shape", type=_named_shape, action="append", default=None,
+                      metavar="[NAME=]DIMS")
     _quant_flags(tune)
 
     board = sub.add_parser("board", parents=[common], help="the emulated ARM board (qemu)")
@@ -260,7 +272,14 @@ def _specs(args: argparse.Namespace, names: Sequence[str]) -> list[Any]:
     from hostkit.models import ModelSpec
 
     inputs = tuple(getattr(args, "input", None) or ())
-    return [ModelSpec(name=n, weights=args.weights, input_shape=args.input_shape, inputs=inputs,
+    shapes = args.input_shape or []
+    unnamed = [dims for name, dims in shapes if name is None]
+    if len(unnamed) > 1:
+        raise EdgekitError("--input-shape: give NAME=DIMS for each input of a model with "
+                           "several inputs (one unnamed shape at most)")
+    named = tuple((name, dims) for name, dims in shapes if name is not None)
+    return [ModelSpec(name=n, weights=args.weights, input_shape=unnamed[0] if unnamed else None,
+                      named_shapes=named, inputs=inputs,
                       quantize=args.quantize, calibration=args.calibration,
                       calibration_method=args.calibration_method) for n in names]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from devicekit.store import file_sha256
 from hostkit.build.targets import ResolvedTarget
 from hostkit.defaults import cache_dir
-from hostkit.errors import CompileError
+from hostkit.errors import CompileError, EdgekitError
 from hostkit.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, An
     try:
         mod = from_exported_program(program, keep_params_as_input=False)
     except Exception as exc:
-        raise CompileError(_import_error(model.name, exc), stage="import") from exc
+        raise CompileError(_import_error(model.name, exc, program), stage="import") from exc
     if model.precision != "int8":
         return mod, None
     from hostkit.build.int8 import lower_int8
@@ -76,14 +76,32 @@ def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, An
     return mod, {"int8_layers": lowering.int8, "fp32_layers": lowering.fp32}
 
 
-def _import_error(name: str, exc: Exception) -> str:
+def _import_error(name: str, exc: Exception, program: Any = None) -> str:
     text = str(exc)
+    if "InputKind.TOKEN" in text:
+        effects = _effectful_ops(program)
+        named = f"operator(s) with side effects ({', '.join(effects)})" if effects else \
+            "an operator with side effects"
+        return (f"{name}: TVM's PyTorch importer cannot take {named}: torch.export threads them "
+                "with effect tokens; rewrite that layer (e.g. torch.linalg.inv checks its input "
+                "for errors, an effect)")
     if "Unsupported function type" in text or "not supported" in text.lower():
         ops = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.splitlines()[0]
         return (f"{name}: TVM's PyTorch importer does not support operator(s) {ops}; "
                 "rewrite that layer or report it to apache/tvm")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     return f"{name}: import to Relax failed: {first[:300]}"
+
+
+def _effectful_ops(program: Any) -> list[str]:
+    """The operators torch.export wraps in effect tokens once decomposed, as `aten.op` names."""
+    try:
+        decomposed = program.run_decompositions()
+    except Exception:
+        return []
+    found = [str(node.args[1]).removesuffix(".default") for node in decomposed.graph.nodes
+             if node.op == "call_function" and "with_effects" in str(node.target)]
+    return list(dict.fromkeys(found))
 
 
 def _cache_key(model: LoadedModel, target: ResolvedTarget, fmt: str, cc: str | None,
@@ -132,7 +150,7 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
             import tvm
 
             executable = tvm.compile(mod, target.target)
-    except CompileError:
+    except EdgekitError:  # already one line for the user (e.g. records from another TVM)
         raise
     except Exception as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")

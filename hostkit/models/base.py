@@ -28,6 +28,7 @@ class ModelSpec:
     input_shape: tuple[int, ...] | None = None
     seed: int = DEFAULT_SEED
     inputs: tuple[str, ...] = ()  # --input files: images or .npy tensors, in input order
+    named_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # --input-shape NAME=DIMS
     quantize: str | None = None  # "int8"
     calibration: str = "32"  # a sample count, or a folder of images or .npy files
     calibration_method: str = "minmax"
@@ -133,6 +134,14 @@ def _export_error(name: str, exc: Exception) -> str:
         first = "a data-dependent guard (the output size depends on the values computed)"
     place = f" at {where.removeprefix('Caused by:').strip(' ()')}" if where else ""
     return f"torch.export failed for {name}: {first[:200]}{place}"
+
+
+def split_named(entry: str) -> tuple[str | None, str]:
+    """`NAME=FILE` as (NAME, FILE); a plain path (even one holding '=') as (None, path)."""
+    name, sep, rest = entry.partition("=")
+    if sep and name.isidentifier() and not Path(entry).exists():
+        return name, rest
+    return None, entry
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> np.ndarray:

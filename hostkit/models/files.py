@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Mapping
+
+import numpy as np
 
 from hostkit.errors import ModelError
-from hostkit.models.base import LoadedModel, ModelSpec, make_input
+from hostkit.models.base import LoadedModel, ModelSpec, make_input, split_named
 from hostkit.models.inputs import read_input
 
 __all__ = ["load_program_file"]
@@ -29,13 +32,17 @@ def load_program_file(spec: ModelSpec) -> LoadedModel:
         raise ModelError(f"{path}: the saved program takes no inputs, so there is nothing to feed "
                          "it; export the model with example inputs", stage="model")
     saved = [tuple(node.meta["val"].shape) for node in placeholders]
-    given = [read_input(Path(p), path.name, None) for p in spec.inputs]
+    names = [node.name for node in placeholders]
+    given = _given_inputs(spec, path, names)
     if given and len(given) != len(saved):
-        raise ModelError(f"{path} takes {len(saved)} inputs "
-                         f"({', '.join(n.name for n in placeholders)}); got {len(given)} --input "
-                         "files", stage="model")
+        raise ModelError(f"{path} takes {len(saved)} inputs ({', '.join(names)}); got "
+                         f"{len(given)} --input files", stage="model")
     if given:
         shapes = [tuple(x.shape) for x in given]
+    elif spec.named_shapes:
+        by_name = dict(spec.named_shapes)
+        _known(by_name, names, path, "--input-shape")
+        shapes = [by_name.get(name, want) for name, want in zip(names, saved)]
     elif spec.input_shape is not None:
         shapes = [spec.input_shape]
     else:
@@ -56,3 +63,26 @@ def load_program_file(spec: ModelSpec) -> LoadedModel:
     digest.update(repr(shapes).encode())
     return LoadedModel(name=path.name, program=program, inputs=inputs,
                        identity=digest.hexdigest())
+
+
+def _known(given: Mapping[str, object], names: list[str], path: Path, flag: str) -> None:
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise ModelError(f"{flag} {unknown[0]}=...: {path} has no input named {unknown[0]}; its "
+                         f"inputs are {', '.join(names)}", stage="model")
+
+
+def _given_inputs(spec: ModelSpec, path: Path, names: list[str]) -> list[np.ndarray]:
+    """The --input tensors in the program's input order; NAME=FILE entries go to their input."""
+    entries = [split_named(entry) for entry in spec.inputs]
+    if not any(name for name, _ in entries):
+        return [read_input(Path(file), path.name, None) for _, file in entries]
+    if not all(name for name, _ in entries):
+        raise ModelError("--input: name every input (NAME=FILE) or none", stage="model")
+    by_name = {name: file for name, file in entries if name}
+    _known(by_name, names, path, "--input")
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ModelError(f"--input: {path} also takes {', '.join(missing)}; give NAME=FILE for "
+                         "each input", stage="model")
+    return [read_input(Path(by_name[name]), path.name, None) for name in names]

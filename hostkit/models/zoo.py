@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostkit.errors import ModelError
-from hostkit.models.base import LoadedModel, ModelSpec, make_input
+from hostkit.models.base import LoadedModel, ModelSpec, make_input, split_named
 from hostkit.models.init import INIT_METHOD, live_init
 from hostkit.models.inputs import IMAGE_SUFFIXES, describe, read_input
 
@@ -85,7 +85,8 @@ def load_named(spec: ModelSpec) -> LoadedModel:
         module = torchvision.models.get_model(spec.name, weights=None, **_no_downloads(family))
         default_shape = DEFAULT_SHAPES.get(spec.name, DEFAULT_SHAPE)
         transforms = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
-    given = [read_input(Path(path), spec.name, transforms) for path in spec.inputs]
+    given = [read_input(Path(split_named(entry)[1]), spec.name, transforms)
+             for entry in spec.inputs]
     if len(given) > 1:
         raise ModelError(f"{spec.name} takes one input; got {len(given)} --input files",
                          stage="model")

@@ -49,7 +49,17 @@ class DeviceSession:
             raise ConnectError(f"{self.transport.address} answers RPC but is not an edgekit daemon "
                                f"({first_line(exc)})", device=self.name, stage="connect",
                                hint="start it with `edgekit-device serve`") from exc
-        info: dict[str, Any] = json.loads(raw)
+        try:
+            info = json.loads(raw)
+        except (TypeError, ValueError):
+            info = None
+        if not isinstance(info, dict) or not isinstance(info.get("tvm_version"), str):
+            shown = repr(raw)[:80]
+            raise ConnectError(f"{self.transport.address} answered edgekit.device_info with "
+                               f"{shown}, not an edgekit device report (an old or foreign "
+                               "daemon?)", device=self.name, stage="connect",
+                               hint="install the host's edgekit on the device, e.g. "
+                                    f"`edgekit device install --device {self.name}`")
         return info
 
     def memory(self) -> dict[str, int] | None:

@@ -65,3 +65,47 @@ def test_saved_programs_that_cannot_be_fed(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"takes 2 inputs \(a, b\); --input-shape gives one"):
         load_model(ModelSpec(str(two), input_shape=(2,)))
     assert len(load_model(ModelSpec(str(two))).inputs) == 2
+
+
+def test_an_effectful_operator_is_named() -> None:
+    """torch.linalg.inv decomposes into an error check torch.export threads with effect tokens;
+    TVM's importer said only 'Unsupported input kind: InputKind.TOKEN'."""
+    import numpy as np
+
+    from hostkit.build.compiler import import_relax
+    from hostkit.errors import CompileError
+    from hostkit.models.base import LoadedModel
+
+    class Inverse(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.inv(x)
+
+    model = LoadedModel(name="inverse", program=None, identity="inverse", _module=Inverse(),
+                        inputs=[np.eye(3, dtype=np.float32) + 0.1])
+    with pytest.raises(CompileError, match=r"inverse: TVM's PyTorch importer cannot take "
+                                           r"operator\(s\) with side effects "
+                                           r"\(aten._linalg_check_errors\)"):
+        import_relax(model)
+
+
+def test_several_inputs_by_name(tmp_path: Path) -> None:
+    import numpy as np
+
+    class Two(torch.nn.Module):
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return image * mask
+
+    saved = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(Two(), (torch.ones(1, 4), torch.ones(1, 4))), saved)
+    np.save(tmp_path / "i.npy", np.full((1, 4), 2.0, np.float32))
+    np.save(tmp_path / "m.npy", np.full((1, 4), 3.0, np.float32))
+    model = load_model(ModelSpec(str(saved), inputs=(f"mask={tmp_path / 'm.npy'}",
+                                                     f"image={tmp_path / 'i.npy'}")))
+    assert [x[0, 0] for x in model.inputs] == [2.0, 3.0], "inputs go in the program's order"
+    with pytest.raises(ModelError, match="has no input named img; its inputs are image, mask"):
+        load_model(ModelSpec(str(saved), inputs=(f"img={tmp_path / 'i.npy'}",)))
+    with pytest.raises(ModelError, match="also takes mask; give NAME=FILE for each input"):
+        load_model(ModelSpec(str(saved), inputs=(f"image={tmp_path / 'i.npy'}",)))
+    with pytest.raises(ModelError, match=r"input 1 \(mask\) was saved with shape \(1, 4\); "
+                                         r"got \(1, 8\)"):
+        load_model(ModelSpec(str(saved), named_shapes=(("mask", (1, 8)),)))

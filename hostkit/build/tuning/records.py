@@ -48,6 +48,7 @@ PREPARATION = "nhwc-anchor-1"
 # How MetaSchedule tells two kernels are the same task (tuning and applying must agree).
 MODULE_EQUALITY = "anchor-block"
 TARGET_FILE = "target.json"
+VERSION_FILE = "tvm_version"  # the TVM that wrote the records
 
 # Arm's MIDR "CPU part" numbers (what /proc/cpuinfo reports on arm64 boards) -> LLVM's -mcpu.
 ARM_CPU_PARTS: dict[str, str] = {
@@ -81,14 +82,31 @@ class TuningRecords:
         return f"{self.work_dir.parent.name}/{self.work_dir.name}@{digest.hexdigest()[:12]}"
 
     def save_target(self, target: "tvm.target.Target") -> None:
+        import tvm
+
         self.work_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_target_dict(target), sort_keys=True, indent=2)
         (self.work_dir / TARGET_FILE).write_text(text, encoding="utf-8")
+        (self.work_dir / VERSION_FILE).write_text(tvm.__version__, encoding="utf-8")
+
+    def check_version(self) -> None:
+        """Refuse records another TVM wrote: its schedules and JSON need not mean the same here."""
+        import tvm
+
+        path = self.work_dir / VERSION_FILE
+        if not path.exists():
+            return
+        theirs = path.read_text(encoding="utf-8", errors="replace").strip()[:40]
+        if theirs != tvm.__version__:
+            raise TuneError(f"tuning records in {self.work_dir} were made with TVM {theirs}; this "
+                            f"is TVM {tvm.__version__}", stage="records",
+                            hint="tune again, or deploy with --no-tuning")
 
     def tuned_target(self, fallback: "tvm.target.Target") -> "tvm.target.Target":
         """The target the records were tuned for; `fallback` for records older than target.json."""
         import tvm
 
+        self.check_version()
         path = self.work_dir / TARGET_FILE
         if not path.exists():
             return fallback

@@ -1,0 +1,52 @@
+"""A daemon that answers RPC but not as edgekit's does: one line, not a JSON traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostkit.cli import main
+
+pytestmark = pytest.mark.integration
+
+FOREIGN = """
+import random, sys
+from tvm import rpc
+
+def register():
+    import tvm_ffi
+    tvm_ffi.register_global_func("edgekit.device_info", lambda: "hello from another tool")
+
+start = random.randrange(20000, 60000)
+server = rpc.Server("127.0.0.1", port=start, port_end=start + 500,
+                    server_init_callback=register)
+open(sys.argv[1], "w").write(str(server.port))
+server.proc.join()
+"""
+
+def test_foreign_daemon_is_named(tmp_path: Path, write_inventory: Any,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-c", FOREIGN, str(port_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        inv = write_inventory({"devices": {"dev": {"target": {"kind": "llvm"},
+                                                   "host": "127.0.0.1",
+                                                   "port": int(port_file.read_text())}}})
+        assert main(["deploy", "-i", str(inv), "-d", "dev", "tinycnn"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("edgekit: error: dev: 127.0.0.1:")
+        assert "answered edgekit.device_info with 'hello from another tool', not an edgekit " \
+               "device report" in err[-1]
+    finally:
+        proc.kill()
+        proc.wait()
