@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--runs", type=_positive, default=5, help="inferences profiled (default 5)")
     prof.add_argument("--all", action="store_true", help="every kernel, not only the top 20")
     prof.add_argument("--csv", type=Path, default=None, metavar="FILE", help="every row as CSV")
+    prof.add_argument("--html", type=Path, default=None, metavar="FILE",
+                      help="also write a self-contained page with the profile as a bar chart")
 
     bench = sub.add_parser("bench", parents=[common, run], help="benchmark models across devices")
     pick = bench.add_mutually_exclusive_group()
@@ -152,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     pick.add_argument("--all-devices", action="store_true", help="every device in the inventory")
     bench.add_argument("models", nargs="*", default=None, help="models (default resnet18)")
     bench.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write CSV")
+    bench.add_argument("--html", type=Path, default=None, metavar="FILE",
+                       help="also write a self-contained page: the table and latency charts")
 
     exp = sub.add_parser("export", parents=[common],
                          help="write a bundle that runs the model on the board without Python")
@@ -325,14 +329,40 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _check_outputs(*paths: Path | None) -> None:
+    """Refuse an output file edgekit could not write, before any work: results are never lost."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise EdgekitError(f"{path} is a folder; give a file name for the output")
+        folder = path.absolute().parent
+        while not folder.exists():  # missing folders are made when the file is written
+            folder = folder.parent
+        if not folder.is_dir():
+            raise EdgekitError(f"cannot write {path}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise EdgekitError(f"cannot write {path}: permission denied")
+
+
+def _write_html(path: Path, results: Sequence[Any], title: str) -> None:
+    from hostkit.report.html import html_report
+    from hostkit.report.render import write_text_atomic
+
+    write_text_atomic(path, html_report(results, title))
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hostkit.report.render import deploy_summary, profile_table, to_json, write_profile_csv
 
     device = _inventory(args).get(args.device)
     _check_models([args.model], args.weights)
+    _check_outputs(args.csv, args.html)
     (result,) = _run(args, [device], [args.model])
     if args.csv and result.profile:
         write_profile_csv(args.csv, result.profile)
+    if args.html:
+        _write_html(args.html, [result], f"edgekit profile: {result.model} on {result.device}")
     if args.json:
         print(to_json(result.to_json()))
     elif result.profile:
@@ -359,9 +389,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InventoryError("choose devices with --device NAME, --group G or --all-devices")
     models = args.models or ["resnet18"]
     _check_models(models, args.weights)
+    _check_outputs(args.csv, args.html)
     results = _run(args, devices, models)
     if args.csv:
         write_csv(args.csv, results)
+    if args.html:
+        _write_html(args.html, results, "edgekit bench")
     if args.json:
         print(to_json([r.to_json() for r in results]))
     else:

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   ca-certificates                                 # pip and debootstrap over https
   openssh-server openssh-client                   # the ssh transport and its tests
   python3 python3-venv                            # a bare board python for the ssh install tests
+  chromium                                        # renders the --html report in its test
 )
 
 missing=()

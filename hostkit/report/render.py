@@ -22,7 +22,7 @@ from hostkit.report.compare import Change
 from hostkit.report.results import RunResult
 
 __all__ = ["deploy_summary", "bench_table", "devices_table", "compare_table", "to_json",
-           "write_csv", "LEGEND", "CPP_LEGEND", "CSV_FIELDS"]
+           "write_csv", "write_text_atomic", "LEGEND", "CPP_LEGEND", "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
           "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
@@ -213,7 +213,7 @@ def write_profile_csv(path: Path, profile: dict[str, Any]) -> None:
     writer.writeheader()
     for row in profile.get("rows", []):
         writer.writerow({k: row.get(k) for k in PROFILE_FIELDS})
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def compare_table(console: Console, changes: Sequence[Change], max_slowdown: float) -> None:
@@ -283,12 +283,16 @@ def write_csv(path: Path, results: Sequence[RunResult]) -> None:
     writer.writeheader()
     for r in results:
         writer.writerow(_csv_row(r))
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write all of `text` or nothing: a temporary file renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is as readable as any file
     os.replace(tmp, path)
