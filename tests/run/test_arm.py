@@ -94,3 +94,13 @@ def test_int8_cross_compiles_and_matches_on_the_board(board_inventory: Path,
     assert result["status"] == "ok", result["error"]
     assert result["precision"] == "int8" and result["quantization"]["int8_layers"] == 3
     assert result["rel_err"] < 1e-4 and result["emulated"] is True
+
+
+def test_profile_on_the_board_is_marked_emulated(board_inventory: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["profile", "-i", str(board_inventory), "-d", BOARD, "tinycnn", "--runs", "2",
+                 "--repeat", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"edgekit profile: tinycnn on {BOARD}" in out and "emulated board" in out
+    assert "conv2d 3x3 3->16 @32x32" in out

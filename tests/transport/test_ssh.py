@@ -372,3 +372,17 @@ def test_doctor_rpc_device_and_cross_toolchain(daemon: Any) -> None:
     assert not by_name["tcp"].ok and "edgekit-device serve" in by_name["tcp"].fix
     if shutil.which("aarch64-linux-gnu-gcc"):
         assert by_name["toolchain"].ok and "aarch64-linux-gnu" in by_name["toolchain"].detail
+
+
+def test_profile_over_ssh(tmp_path: Path, sshd: Sshd, capsys: pytest.CaptureFixture[str]) -> None:
+    """Kernel times come from the board's daemon through the SSH tunnel, like any other call."""
+    from hostkit.cli import main
+
+    inventory = write_inventory(tmp_path / "inventory.yaml", sshd, python=sys.executable)
+    code = main(["profile", "--device", "sshbox", "tinycnn", "--inventory", str(inventory),
+                 "--json", "--runs", "3", "--repeat", "3"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"] == "ok", result.get("error")
+    names = [row["name"] for row in result["profile"]["rows"]]
+    assert any(name.startswith("conv2d 3x3 3->16 @32x32") for name in names), names
+    assert result["memory"]["peak_rss_mb"] >= result["memory"]["idle_rss_mb"]
