@@ -43,6 +43,7 @@ class Artifact:
     fmt: str
     tuned_kernels: str | None = None  # "covered/tunable" when records were applied
     int8: dict[str, Any] | None = None  # int8 builds: layers lowered to int8, layers left fp32
+    workspace_bytes: int | None = None  # the VM's planned intermediate memory (static estimate)
 
     @property
     def size(self) -> int:
@@ -93,6 +94,27 @@ def _import_error(name: str, exc: Exception, program: Any = None) -> str:
     return f"{name}: import to Relax failed: {first[:300]}"
 
 
+def planned_workspace_bytes(mod: "tvm.IRModule", target: ResolvedTarget) -> int | None:
+    """The intermediate tensors' memory after the VM's static memory planning, in bytes (TVM's
+    own estimate, which adds every planned allocation of main; None when it cannot tell)."""
+    import re
+
+    import tvm
+    from tvm import relax
+    from tvm.relax import transform as rt
+
+    try:
+        with target.target:
+            planned = tvm.transform.Sequential([
+                rt.LegalizeOps(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
+                rt.CallTIRRewrite(), rt.StaticPlanBlockMemory()])(mod)
+        text = relax.analysis.estimate_memory_usage(planned)
+    except Exception:  # an estimate only: a module it cannot plan still builds
+        return None
+    found = re.search(r"With memory planning, .*? total size ([0-9.e+-]+) GB", text)
+    return int(float(found.group(1)) * 1e9) if found else None
+
+
 def _effectful_ops(program: Any) -> list[str]:
     """The operators torch.export wraps in effect tokens once decomposed, as `aten.op` names."""
     try:
@@ -137,7 +159,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return Artifact(path=lib, sha256=meta["sha256"], cached=True, compile_s=0.0,
                         tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
-                        tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"))
+                        tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"),
+                        workspace_bytes=meta.get("workspace_bytes"))
 
     start = time.perf_counter()
     mod, int8 = import_with_report(model)
@@ -164,7 +187,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
         compile_s = time.perf_counter() - start
         meta = {"sha256": sha, "model": model.name, "target": target.to_json(), "format": fmt,
                 "tuned": tuned, "records": records_id if tuned else None, "compile_s": compile_s,
-                "tuned_kernels": str(coverage) if coverage is not None else None, "int8": int8}
+                "tuned_kernels": str(coverage) if coverage is not None else None, "int8": int8,
+                "workspace_bytes": planned_workspace_bytes(mod, target)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if folder.exists():  # a concurrent build of the same key won; keep the existing one
             shutil.rmtree(staging)
@@ -176,7 +200,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     return Artifact(path=lib, sha256=meta["sha256"], cached=False, compile_s=compile_s,
                     tuned=meta["tuned"], records=meta.get("records"), fmt=fmt,
-                    tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"))
+                    tuned_kernels=meta.get("tuned_kernels"), int8=meta.get("int8"),
+                    workspace_bytes=meta.get("workspace_bytes"))
 
 
 def _export(executable: Any, path: Path, fmt: str, cross_compiler: str | None,

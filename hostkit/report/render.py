@@ -114,7 +114,9 @@ def _memory(result: RunResult) -> str:
         return "-"
     peak = (f"peak {result.memory_mb:.1f} MB above the session's idle {m['idle_rss_mb']:.0f} MB · "
             if result.memory_mb is not None and "idle_rss_mb" in m else "")
-    return f"{peak}library {m['artifact_mb']:.1f} MB · weights {m['params_mb']:.1f} MB"
+    workspace = f" · workspace {m['workspace_mb']:.1f} MB" if m.get("workspace_mb") else ""
+    return (f"{peak}library {m['artifact_mb']:.1f} MB · weights {m['params_mb']:.1f} MB"
+            f"{workspace}")
 
 
 def _precision(result: RunResult) -> str:

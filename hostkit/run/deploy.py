@@ -142,17 +142,19 @@ def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int]
     return progress
 
 
-def _check_fits(device: str, model: str, library: int, params: int, available: int) -> None:
+def _check_fits(device: str, model: str, library: int, params: int, workspace: int,
+                available: int) -> None:
     """Refuse, before any upload, a model the device has no room for (0: the device did not say).
 
     The library is mapped, and its constants are copied into tensors at load: a model needs its
-    library and its weights once more, plus activations.
+    library, its weights once more, and the VM's planned workspace for activations.
     """
-    need = library + params
+    need = library + params + workspace
     if available and need > available:
         raise RemoteError(f"{model} needs about {need / 1e6:.0f} MB on the device (library "
-                          f"{library / 1e6:.0f} MB + weights {params / 1e6:.0f} MB) but it has "
-                          f"{available / 1e6:.0f} MB available", device=device, stage="memory",
+                          f"{library / 1e6:.0f} MB + weights {params / 1e6:.0f} MB + workspace "
+                          f"{workspace / 1e6:.0f} MB) but it has {available / 1e6:.0f} MB "
+                          "available", device=device, stage="memory",
                           hint="free memory on the board, or deploy a smaller or int8 model")
 
 
@@ -190,9 +192,11 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
             result.quantization = {**dataclasses.asdict(model.quantization), **(artifact.int8 or {})}
 
         params = model.params_bytes()
+        workspace = artifact.workspace_bytes or 0
         result.memory = {"artifact_mb": round(artifact.size / 1e6, 2),
-                         "params_mb": round(params / 1e6, 2)}
-        _check_fits(device.name, model.name, artifact.size, params,
+                         "params_mb": round(params / 1e6, 2),
+                         "workspace_mb": round(workspace / 1e6, 2)}
+        _check_fits(device.name, model.name, artifact.size, params, workspace,
                     int(result.device_info.get("memory_available_bytes") or 0))
         idle = session.memory()
 
