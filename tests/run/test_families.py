@@ -111,3 +111,25 @@ def test_models_lists_names_by_family(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["models"]) == 0
     text = capsys.readouterr().out
     assert "segmentation: 6 models" in text and "not deployable yet" in text
+
+
+def test_saved_program_with_dict_outputs(daemon: Any, write_inventory: Any,
+                                         tmp_path: Path) -> None:
+    """A segmenter-style .pt2 returns a dict: its entries are compared one by one, by name."""
+    import torch
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"out": self.conv(x), "aux": torch.tanh(x).mean(dim=1, keepdim=True)}
+
+    torch.manual_seed(0)
+    saved = tmp_path / "heads.pt2"
+    torch.export.save(torch.export.export(Heads().eval(), (torch.randn(1, 3, 16, 16),)), saved)
+    code, result, err = _deploy(_inventory(write_inventory, daemon), str(saved))
+    assert code == 0 and result is not None and result["status"] == "ok", err
+    assert result["check"]["outputs"] == ["out", "aux"]
+    assert result["check"]["family"] == "segmentation" and result["rel_err"] < 1e-4
