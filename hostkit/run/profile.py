@@ -97,13 +97,28 @@ def _ops(symbol: str) -> list[str]:
     return ops or [symbol]
 
 
+def _conv(shapes: list[list[int]]) -> tuple[int, int, int, int, int, int, int] | None:
+    """(kh, kw, in channels, out channels, out height, out width, inputs per output) of a
+    convolution kernel from its buffers, in NCHW/OIHW or NHWC/OHWI; None when the weights were
+    rewritten into a blocked layout (tuned kernels) and the layout cannot be told."""
+    if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[1]) != 4 or len(shapes[-1]) != 4:
+        return None
+    data, w, out = shapes[0], shapes[1], shapes[-1]
+    if w[0] == out[1] and w[1] and data[1] % w[1] == 0:  # NCHW data, OIHW weights
+        return w[2], w[3], data[1], w[0], out[2], out[3], w[1]
+    if w[0] == out[3] and w[3] and data[3] % w[3] == 0:  # NHWC data, OHWI weights
+        return w[1], w[2], data[3], w[0], out[1], out[2], w[3]
+    return None
+
+
 def _pretty(symbol: str, shapes: list[list[int]]) -> str:
     ops = _ops(symbol)
     head, rest = ops[0], ops[1:]
     tail = f" (+ {', '.join(dict.fromkeys(rest))})" if rest else ""
-    if head == "conv2d" and len(shapes) >= 3 and len(shapes[1]) == 4 and len(shapes[-1]) == 4:
-        w, out = shapes[1], shapes[-1]
-        return f"conv2d {w[2]}x{w[3]} {shapes[0][1]}->{w[0]} @{out[2]}x{out[3]}{tail}"
+    conv = _conv(shapes) if head == "conv2d" else None
+    if conv is not None:
+        kh, kw, cin, cout, oh, ow, _ = conv
+        return f"conv2d {kh}x{kw} {cin}->{cout} @{oh}x{ow}{tail}"
     if head == "matmul" and len(shapes) >= 2:
         return f"matmul {'x'.join(map(str, shapes[0]))} by {'x'.join(map(str, shapes[1]))}{tail}"
     return f"{head}{tail}"
@@ -114,10 +129,11 @@ def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float) -> float | Non
     if not mean_ms or not shapes:
         return None
     flops = None
-    if ops[0] == "conv2d" and len(shapes) >= 3 and len(shapes[1]) == 4 and len(shapes[-1]) == 4:
-        out, w = shapes[-1], shapes[1]
-        flops = 2 * math.prod(out) * w[1] * w[2] * w[3]
-    elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2:
+    conv = _conv(shapes) if ops[0] == "conv2d" else None
+    if conv is not None:
+        kh, kw, _, cout, oh, ow, per_output = conv
+        flops = 2 * shapes[-1][0] * cout * oh * ow * per_output * kh * kw
+    elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) == 2:
         a, b = shapes[0], shapes[1]
         flops = 2 * math.prod(a) * b[-1]
     return round(flops / (mean_ms * 1e-3) / 1e9, 1) if flops else None
