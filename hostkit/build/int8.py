@@ -37,23 +37,38 @@ def lower_int8(mod: "tvm.IRModule") -> tuple["tvm.IRModule", Int8Lowering]:
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     report = Int8Lowering()
-    data = is_op("relax.clip")(is_op("relax.round")(wildcard()), wildcard(), wildcard())
+    rounded = is_op("relax.round")(wildcard())
+    # clip(round(x / s)) for edgekit's own symmetric int8; clip(round(x / s) + zp) for a
+    # zero point (a PT2E program's uint8 activations), padded with zp where the layer pads.
+    data = is_op("relax.clip")(rounded | is_op("relax.add")(rounded, is_const()), wildcard(),
+                               wildcard())
+    padded = is_op("relax.nn.pad")(data)
     weight = is_const()
-    conv = is_op("relax.nn.conv2d")(data, weight)
+    conv = is_op("relax.nn.conv2d")(padded | data, weight)
     matmul = is_op("relax.matmul")(data, is_op("relax.permute_dims")(weight))
 
     def integral(matches: Any) -> np.ndarray | None:
         w = matches[weight].value.numpy()
-        ok = w.size and np.all(np.abs(w) <= QMAX) and np.all(w == np.round(w))
+        ok = w.size and np.all(w >= -QMAX - 1) and np.all(w <= QMAX) and np.all(w == np.round(w))
         return w.astype("int8") if ok else None
 
+    def integer_input(matches: Any) -> Any:
+        """The layer's input cast to the integer type its clip bounds fit (uint8 or int8)."""
+        clip = matches[data]
+        low, high = (float(arg.value) for arg in clip.args[1:3])
+        dtype = "uint8" if low >= 0 and high <= 255 else "int8"
+        if dtype == "int8" and (low < -128 or high > 127):
+            return None
+        source = matches[padded] if padded in matches else clip
+        return relax.op.astype(source, dtype)
+
     def lower_conv(expr: Any, matches: Any) -> Any:
-        w = integral(matches)
-        if w is None:
+        w, x = integral(matches), integer_input(matches)
+        if w is None or x is None:
             return expr
         report.int8 += 1
         attrs = expr.attrs
-        out = relax.op.nn.conv2d(relax.op.astype(matches[data], "int8"), relax.const(w),
+        out = relax.op.nn.conv2d(x, relax.const(w),
                                  strides=attrs.strides, padding=attrs.padding,
                                  dilation=attrs.dilation, groups=attrs.groups,
                                  data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
@@ -61,11 +76,11 @@ def lower_int8(mod: "tvm.IRModule") -> tuple["tvm.IRModule", Int8Lowering]:
         return relax.op.astype(out, "float32")
 
     def lower_matmul(expr: Any, matches: Any) -> Any:
-        w = integral(matches)
-        if w is None:
+        w, x = integral(matches), integer_input(matches)
+        if w is None or x is None:
             return expr
         report.int8 += 1
-        out = relax.op.matmul(relax.op.astype(matches[data], "int8"), relax.const(w.T.copy()),
+        out = relax.op.matmul(x, relax.const(w.T.copy()),
                               out_dtype="int32")
         return relax.op.astype(out, "float32")
 

@@ -26,8 +26,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     if spec.name.endswith((".pt2", ".pt")) or Path(spec.name).is_file():
         from hostkit.models.files import load_program_file
+        from hostkit.models.pt2e import from_pt2e, is_pt2e
 
         model = load_program_file(spec)
+        if is_pt2e(model.program):
+            if spec.quantize is not None:
+                raise ModelError(f"{spec.name} is already quantized (PT2E); drop --quantize, its "
+                                 "own scales are used", stage="quantize")
+            return from_pt2e(model)
     else:
         model = load_named(spec)
     if spec.quantize is None:

@@ -52,6 +52,9 @@ class Quantization:
     fp32_mb: float = 0.0  # the model's weights in fp32
     int8_mb: float = 0.0  # the same after quantizing (int8 weights, fp32 scales and biases)
     vs_fp32_top1: float | None = None  # top-1 agreement with the fp32 model over the samples
+    # A PT2E program: its integer arithmetic (in PyTorch) next to the program as saved, which
+    # rounds differently (dequantized float convolutions): top-1, top-3 set, max abs diff.
+    vs_source: dict[str, Any] | None = None
 
 
 def calibration_samples(source: str, model: LoadedModel, transforms: Any | None) -> list[np.ndarray]:

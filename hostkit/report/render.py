@@ -125,11 +125,24 @@ def _precision(result: RunResult) -> str:
         return result.precision
     left = q.get("fp32_layers") or []
     agree = q.get("vs_fp32_top1")
+    scales = (f"calibration {q['method']} on {q['samples']} samples" if q["samples"]
+              else f"scales: {q['method']}")
     return (f"int8 ({q.get('int8_layers', q.get('layers'))} layers int8, "
-            f"{len(left)} fp32{': ' + ', '.join(left[:5]) if left else ''}) · calibration "
-            f"{q['method']} on {q['samples']} samples · weights {q['int8_mb']:.1f} MB "
+            f"{len(left)} fp32{': ' + ', '.join(left[:5]) if left else ''}) · {scales}"
+            f" · weights {q['int8_mb']:.1f} MB "
             f"(fp32 {q['fp32_mb']:.1f} MB)"
-            + (f" · top-1 agrees with fp32 on {agree:.0%}" if agree is not None else ""))
+            + (f" · top-1 agrees with fp32 on {agree:.0%}" if agree is not None else "")
+            + _vs_source(q.get("vs_source")))
+
+
+def _vs_source(source: dict[str, Any] | None) -> str:
+    """A PT2E program: its int8 arithmetic next to the program as saved."""
+    if not source:
+        return ""
+    labels = [f"{k} {'same' if source[k] else 'DIFFERENT'}" for k in ("top1", "top3")
+              if k in source]
+    return (f" · vs the saved program: {', '.join(labels)}, max abs diff "
+            f"{source['max_abs_diff']:.3g}")
 
 
 def _family_check(result: RunResult) -> str:

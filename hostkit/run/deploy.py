@@ -236,6 +236,12 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
             result.memory_mb = round(max(0, busy["peak_bytes"] - idle["rss_bytes"]) / 1e6, 1)
         if not check.passed(options.rtol):
             raise RemoteError(check.reason(options.rtol), device=device.name, stage="check")
+        source = getattr(model.quantization, "vs_source", None) or {}
+        if source.get("top1") is False or source.get("top3") is False:
+            raise RemoteError(f"{model.name}: int8 arithmetic changes the saved program's "
+                              f"{'top-1' if source.get('top1') is False else 'top-3'} label "
+                              f"(max abs diff {source['max_abs_diff']:.3g})",
+                              device=device.name, stage="check")
         if options.runtime == "cpp":
             from hostkit.run.cpp import run_cpp
 
