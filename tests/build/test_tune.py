@@ -139,3 +139,29 @@ def test_device_target_names_the_cpu() -> None:
     kept = device_target(ResolvedTarget(pinned, "aarch64-linux-gnu", "llvm"),
                          {"arch": "aarch64", "cpu": "0xd08", "cores": 4})
     assert str(kept.attrs["mcpu"]) == "cortex-a53" and int(kept.attrs["num-cores"]) == 2
+
+
+@pytest.mark.integration
+def test_tune_int8_model_then_deploy_applies_its_records(local_inventory: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`tune --quantize int8` tunes the integer kernels, and only the same quantization reuses
+    the records (they are keyed by it)."""
+    from hostkit.run.tune import tune_on_device
+
+    device = load_inventory(local_inventory).get("local")
+    spec = ModelSpec("tinycnn", quantize="int8", calibration="4")
+    summary = tune_on_device(device, spec, trials=8, trials_per_task=2, time_budget_min=None,
+                             console=None)
+    assert summary["tasks"] >= 3 and summary["valid_trials"] > 0
+
+    assert main(["deploy", "--device", "local", "tinycnn", "--quantize", "int8", "--calibration",
+                 "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok", result["error"]
+    assert result["tuned"] is True and result["precision"] == "int8"
+    assert result["quantization"]["int8_layers"] >= 2 and result["rel_err"] < 1e-4
+
+    assert main(["deploy", "--device", "local", "tinycnn", "--quantize", "int8", "--calibration",
+                 "5", "--json"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["status"] == "ok" and other["tuned"] is False, "other scales, other records"
