@@ -65,9 +65,12 @@ class EmulatedBoard:
     START_TIMEOUT_S = 180.0
     STOP_TIMEOUT_S = 20.0
 
-    def __init__(self, device: Device, progress: Progress | None = None) -> None:
+    def __init__(self, device: Device, progress: Progress | None = None,
+                 baselines: tuple[str, ...] = ()) -> None:
         self.device = device
         self.progress: Progress = progress or log.info
+        # Baseline engines in the board's image (an image of their own; see hostkit.boards.image).
+        self.baselines = baselines
         self.hostname, self.netns, self.host_veth = _names(device.name)
         self.board_ip, self.host_ip = _addresses(device)
         self.state_file = RUN_DIR / f"{self.netns}.json"
@@ -77,11 +80,12 @@ class EmulatedBoard:
         self.board_dir = f"/var/lib/edgekit/{self.netns}"
 
     @classmethod
-    def for_device(cls, device: Device, progress: Progress | None = None) -> "EmulatedBoard":
+    def for_device(cls, device: Device, progress: Progress | None = None,
+                   baselines: tuple[str, ...] = ()) -> "EmulatedBoard":
         if device.managed != "qemu-arm64":
             raise InventoryError(f"device {device.name} has managed: {device.managed}, not "
                                  "qemu-arm64, so edgekit does not emulate it")
-        return cls(device, progress)
+        return cls(device, progress, baselines)
 
     def running(self) -> bool:
         state = self._read_state()
@@ -98,7 +102,7 @@ class EmulatedBoard:
             if self.running():
                 return self.address()
             self._teardown()  # whatever a crashed board left behind
-            rootfs = ensure_image(self.progress, self.device.name)
+            rootfs = ensure_image(self.progress, self.device.name, self.baselines)
             ensure_binfmt(self.device.name)  # registrations do not survive a reboot; images do
             started = time.monotonic()
             if install_devicekit(rootfs / self.board_dir.lstrip("/") / "app"):
@@ -124,7 +128,7 @@ class EmulatedBoard:
         state = self._read_state() or {}
         running = self.running()
         leftovers = bool(state) or _netns_exists(self.netns)
-        key = image_key()
+        key = (state.get("image") if running else None) or image_key(self.baselines)
         return {
             "device": self.device.name,
             "state": "running" if running else "stale" if leftovers else "stopped",
@@ -135,6 +139,7 @@ class EmulatedBoard:
             "uptime_s": round(time.time() - state["started_at"], 1) if running else None,
             "image": key,
             "image_built": image_rootfs(key).is_dir(),
+            "baselines": ", ".join(state.get("baselines", [])) if running else None,
             "rootfs": state["rootfs"] if running else str(image_rootfs(key)),
             "log": str(self.log_file),
         }
@@ -187,7 +192,8 @@ class EmulatedBoard:
         # Every step of cmd execs the next, so proc.pid ends up being the daemon itself.
         state = {"device": self.device.name, "pid": proc.pid, "pid_start": _start_ticks(proc.pid),
                  "netns": self.netns, "host_veth": self.host_veth, "board": self.board_ip,
-                 "port": self.device.port, "rootfs": str(rootfs), "started_at": time.time()}
+                 "port": self.device.port, "rootfs": str(rootfs), "started_at": time.time(),
+                 "image": rootfs.parent.name, "baselines": list(self.baselines)}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.state_file)
@@ -261,9 +267,14 @@ class EmulatedBoard:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def board_up(device: Device, progress: Progress | None = None) -> tuple[str, int]:
-    """Start the device's emulated board unless it runs; returns the address to connect to."""
-    return EmulatedBoard.for_device(device, progress).start()
+def board_up(device: Device, progress: Progress | None = None,
+             baselines: tuple[str, ...] = ()) -> tuple[str, int]:
+    """Start the device's emulated board unless it runs; returns the address to connect to.
+
+    `baselines` boots the image that carries those engines; a board already running keeps the
+    image it runs (`board down` first to change it).
+    """
+    return EmulatedBoard.for_device(device, progress, baselines).start()
 
 
 def board_down(device: Device) -> None:
