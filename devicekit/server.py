@@ -46,7 +46,8 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
         return Path(tvm_ffi.get_global_func("tvm.rpc.server.workpath")(name))
 
     def link(tar: Path, output: Path) -> None:
-        from tvm.support import cc, tar as tar_util, utils
+        from tvm.support import cc, utils
+        from tvm.support import tar as tar_util
 
         tmp = utils.tempdir()
         tar_util.untar(str(tar), tmp.temp_dir)
