@@ -168,9 +168,17 @@ class EmulatedBoard:
         (board / "port").unlink(missing_ok=True)
         # qemu-user shows the host's /proc/cpuinfo, an x86 CPU on an aarch64 board; say what it is.
         (board / "cpuinfo").write_text(_cpuinfo(), encoding="utf-8")
+        # The host's sysfs describes its x86 CPUs; aarch64 code that reads the topology there
+        # (pytorch's cpuinfo, inside ONNX Runtime and torch) crashed at import on it. The board
+        # shows only the list of its CPUs, as qemu-user runs it on the host's.
+        cpus = shlex.quote(_cpu_list())
+        cpu_dir = f"{root}/sys/devices/system/cpu"
         setup = [f"echo {self.hostname} > /proc/sys/kernel/hostname",
                  f"mount --bind {root}{self.board_dir}/cpuinfo {root}/proc/cpuinfo",
                  f"mount -t sysfs sysfs {root}/sys",
+                 f"mount -t tmpfs -o mode=0755 tmpfs {cpu_dir}",
+                 *[f"echo {cpus} > {cpu_dir}/{name}" for name in ("possible", "present",
+                                                                   "online")],
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/tmp",
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/dev/shm"]
         argv = [f"{BOARD_VENV}/bin/python", "-m", "devicekit", "serve",
@@ -349,6 +357,12 @@ def _cpuinfo() -> str:
     cores = len(os.sched_getaffinity(0))
     return "".join(f"processor\t: {n}\nmodel name\t: qemu-aarch64 on {host_cpu}\n\n"
                    for n in range(cores))
+
+
+def _cpu_list() -> str:
+    """The board's CPUs as sysfs lists them (`0-3`): as many as this process may run on."""
+    cores = len(os.sched_getaffinity(0))
+    return f"0-{cores - 1}" if cores > 1 else "0"
 
 
 def _kill(pid: int) -> None:
