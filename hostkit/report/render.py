@@ -131,7 +131,7 @@ def _baseline_line(result: RunResult, b: Baseline) -> str:
         colour = "yellow" if b.status == "n/a" else "red"
         return f"[{colour}]{escape(b.cell())}[/{colour}]"
     lat = b.latency_ms
-    ratio = (f" · TVM {b.tvm_ratio:.2f}x {b.engine}{'*' if b.emulated else ''}"
+    ratio = (f" · TVM {b.tvm_ratio:.3g}x {b.engine}{'*' if b.emulated else ''}"
              if b.tvm_ratio is not None else "")
     return escape(f"p50 {_ms(lat.p50)} ms · p90 {_ms(lat.p90)} ms · n={lat.n} · relative error "
                   f"{_diff(b.rel_err)}{ratio} ({b.engine} {b.version}, {b.threads} threads)")

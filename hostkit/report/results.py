@@ -123,7 +123,7 @@ class RunResult:
     def ratios(self) -> str:
         """TVM's ratio to each baseline that has one, e.g. `0.62x torch, 1.07x onnxruntime`."""
         mark = "*" if self.emulated else ""
-        return ", ".join(f"{b.tvm_ratio:.2f}x {b.engine}{mark}" for b in self.baselines
+        return ", ".join(f"{b.tvm_ratio:.3g}x {b.engine}{mark}" for b in self.baselines
                          if b.tvm_ratio is not None)
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -92,10 +91,7 @@ def _run_one(sess: "RPCSession", device: str, model: LoadedModel, reference: lis
     inputs_name, outputs_name = f"baseline-in-{tag}.npz", f"baseline-out-{tag}.npz"
     buffer = io.BytesIO()
     np.savez(buffer, *model.inputs)
-    with tempfile.TemporaryDirectory(prefix="edgekit-baseline-") as tmp:
-        local = Path(tmp) / inputs_name
-        local.write_bytes(buffer.getvalue())
-        _upload(sess, device, local, inputs_name)
+    _upload(sess, device, bytearray(buffer.getvalue()), inputs_name)
     say(f"{engine}: running on the device ({repeat} runs)")
     raw = json.loads(_call(sess, device, "edgekit.baseline_run", engine, sha256, inputs_name,
                            outputs_name, repeat, warmup, 0))
@@ -136,11 +132,12 @@ def _call(sess: "RPCSession", device: str, name: str, *args: Any) -> Any:
                           stage="baseline") from exc
 
 
-def _upload(sess: "RPCSession", device: str, path: Path, name: str) -> None:
+def _upload(sess: "RPCSession", device: str, data: Path | bytearray, name: str) -> None:
+    """A file, or bytes, into the session's folder on the device."""
     try:
-        sess.upload(str(path), name)
+        sess.upload(str(data) if isinstance(data, Path) else data, name)
     except Exception as exc:
-        raise RemoteError(f"upload of {path.name} failed: {first_line(exc)}", device=device,
+        raise RemoteError(f"upload of {name} failed: {first_line(exc)}", device=device,
                           stage="baseline") from exc
 
 
