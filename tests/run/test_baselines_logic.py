@@ -73,6 +73,15 @@ def test_tables_show_each_engine_and_the_fastest() -> None:
     assert "fastest" in text and "│ tvm" in text
 
 
+def test_html_charts_each_engine() -> None:
+    from hostkit.report.html import html_report
+
+    page = html_report([_result()], "bench")
+    assert "Engines on each device" in page
+    assert "pi · resnet18 · tvm (fastest)" in page and "pi · resnet18 · torch" in page
+    assert "onnxruntime" not in page.split("Engines on each device")[1], "n/a has no bar"
+
+
 def test_csv_carries_each_engine(tmp_path: Path) -> None:
     path = tmp_path / "out.csv"
     write_csv(path, [_result()])
