@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from bench_peers import (
+from common import (
     Row,
     _ort_timer,
     _tvm_timer,

@@ -38,12 +38,16 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     from devicekit.store import ArtifactStore, StoreError
 
     store = ArtifactStore(Path(store_dir))
+    # Baseline engines' model files (devicekit.baselines), kept apart from TVM's libraries.
+    baseline_store = ArtifactStore(Path(store_dir) / "baselines", keep=8,
+                                   formats=(".pt2", ".onnx"))
 
     def workpath(name: str) -> Path:
         return Path(tvm_ffi.get_global_func("tvm.rpc.server.workpath")(name))
 
     def link(tar: Path, output: Path) -> None:
-        from tvm.support import cc, tar as tar_util, utils
+        from tvm.support import cc, utils
+        from tvm.support import tar as tar_util
 
         tmp = utils.tempdir()
         tar_util.untar(str(tar), tmp.temp_dir)
@@ -109,6 +113,36 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
             return str(store.library_path(sha256, link))
         except StoreError as exc:
             raise RuntimeError(f"edgekit: {exc}") from exc
+
+    @tvm_ffi.register_global_func("edgekit.baseline_probe", override=True)
+    def _baseline_probe(engine: str) -> str:
+        """Whether this device has a baseline engine (imported here, in the session process)."""
+        from devicekit import baselines
+
+        return json.dumps(baselines.probe(engine))
+
+    @tvm_ffi.register_global_func("edgekit.baseline_has", override=True)
+    def _baseline_has(sha256: str) -> bool:
+        return baseline_store.find(sha256) is not None
+
+    @tvm_ffi.register_global_func("edgekit.baseline_commit", override=True)
+    def _baseline_commit(upload_name: str, sha256: str) -> str:
+        return str(baseline_store.commit(workpath(upload_name), sha256))
+
+    @tvm_ffi.register_global_func("edgekit.baseline_run", override=True)
+    def _baseline_run(engine: str, sha256: str, inputs_name: str, outputs_name: str,
+                      repeat: int, warmup: int, threads: int) -> str:
+        """Run and time a stored baseline model; its outputs land in the session's workpath for
+        the host to download. Failures come back as JSON, never as an exception."""
+        from devicekit import baselines
+
+        model = baseline_store.find(sha256)
+        if model is None:
+            return json.dumps({"engine": engine, "status": "failed",
+                               "reason": f"model {sha256[:12]} is not on this device"})
+        os.utime(model)
+        return json.dumps(baselines.run(engine, model, workpath(inputs_name),
+                                        workpath(outputs_name), repeat, warmup, threads))
 
     watchdog = threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True)
     watchdog.start()

@@ -44,13 +44,14 @@ def file_sha256(path: Path) -> str:
 class ArtifactStore:
     """A folder of `<sha256><ext>` files, with the newest `keep` artifacts kept."""
 
-    def __init__(self, root: Path, keep: int = 16) -> None:
+    def __init__(self, root: Path, keep: int = 16, formats: tuple[str, ...] = FORMATS) -> None:
         self.root = Path(root)
         self.keep = keep
+        self.formats = formats  # baseline models (.pt2, .onnx) are kept in a store of their own
         self.root.mkdir(parents=True, exist_ok=True)
 
     def find(self, sha256: str) -> Path | None:
-        for ext in FORMATS:
+        for ext in self.formats:
             path = self.root / f"{sha256}{ext}"
             if path.exists():
                 return path
@@ -59,8 +60,9 @@ class ArtifactStore:
     def commit(self, uploaded: Path, sha256: str) -> Path:
         """Move an uploaded file into the store once its hash matches the announced one."""
         ext = uploaded.suffix
-        if ext not in FORMATS:
-            raise StoreError(f"artifact {uploaded.name}: unknown format, expected one of {FORMATS}")
+        if ext not in self.formats:
+            raise StoreError(f"artifact {uploaded.name}: unknown format, expected one of "
+                             f"{self.formats}")
         actual = file_sha256(uploaded)
         if actual != sha256:
             uploaded.unlink(missing_ok=True)
@@ -105,7 +107,7 @@ class ArtifactStore:
 
     def _evict(self) -> None:
         files = sorted(self.root.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        artifacts = [p for p in files if ".tmp" not in p.name and p.suffix in FORMATS]
+        artifacts = [p for p in files if ".tmp" not in p.name and p.suffix in self.formats]
         for stale in artifacts[self.keep :]:
             stale.unlink(missing_ok=True)
             stale.with_suffix(".linked.so").unlink(missing_ok=True)

@@ -36,7 +36,8 @@ def edgekit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 class Daemon:
     """A real `edgekit-device serve` process on loopback with its own artifact store."""
 
-    def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.store = workdir / "store"
         port_file = workdir / "port"
@@ -44,7 +45,8 @@ class Daemon:
         cmd = [sys.executable, "-m", "devicekit", "serve", "--port", "0", "--port-file",
                str(port_file), "--store", str(self.store), *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     env={**os.environ, **env} if env else None)
         deadline = time.monotonic() + 60
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

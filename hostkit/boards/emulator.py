@@ -65,9 +65,12 @@ class EmulatedBoard:
     START_TIMEOUT_S = 180.0
     STOP_TIMEOUT_S = 20.0
 
-    def __init__(self, device: Device, progress: Progress | None = None) -> None:
+    def __init__(self, device: Device, progress: Progress | None = None,
+                 baselines: tuple[str, ...] = ()) -> None:
         self.device = device
         self.progress: Progress = progress or log.info
+        # Baseline engines in the board's image (an image of their own; see hostkit.boards.image).
+        self.baselines = baselines
         self.hostname, self.netns, self.host_veth = _names(device.name)
         self.board_ip, self.host_ip = _addresses(device)
         self.state_file = RUN_DIR / f"{self.netns}.json"
@@ -77,11 +80,12 @@ class EmulatedBoard:
         self.board_dir = f"/var/lib/edgekit/{self.netns}"
 
     @classmethod
-    def for_device(cls, device: Device, progress: Progress | None = None) -> "EmulatedBoard":
+    def for_device(cls, device: Device, progress: Progress | None = None,
+                   baselines: tuple[str, ...] = ()) -> "EmulatedBoard":
         if device.managed != "qemu-arm64":
             raise InventoryError(f"device {device.name} has managed: {device.managed}, not "
                                  "qemu-arm64, so edgekit does not emulate it")
-        return cls(device, progress)
+        return cls(device, progress, baselines)
 
     def running(self) -> bool:
         state = self._read_state()
@@ -98,7 +102,7 @@ class EmulatedBoard:
             if self.running():
                 return self.address()
             self._teardown()  # whatever a crashed board left behind
-            rootfs = ensure_image(self.progress, self.device.name)
+            rootfs = ensure_image(self.progress, self.device.name, self.baselines)
             ensure_binfmt(self.device.name)  # registrations do not survive a reboot; images do
             started = time.monotonic()
             if install_devicekit(rootfs / self.board_dir.lstrip("/") / "app"):
@@ -124,7 +128,7 @@ class EmulatedBoard:
         state = self._read_state() or {}
         running = self.running()
         leftovers = bool(state) or _netns_exists(self.netns)
-        key = image_key()
+        key = (state.get("image") if running else None) or image_key(self.baselines)
         return {
             "device": self.device.name,
             "state": "running" if running else "stale" if leftovers else "stopped",
@@ -135,6 +139,7 @@ class EmulatedBoard:
             "uptime_s": round(time.time() - state["started_at"], 1) if running else None,
             "image": key,
             "image_built": image_rootfs(key).is_dir(),
+            "baselines": ", ".join(state.get("baselines", [])) if running else None,
             "rootfs": state["rootfs"] if running else str(image_rootfs(key)),
             "log": str(self.log_file),
         }
@@ -163,9 +168,17 @@ class EmulatedBoard:
         (board / "port").unlink(missing_ok=True)
         # qemu-user shows the host's /proc/cpuinfo, an x86 CPU on an aarch64 board; say what it is.
         (board / "cpuinfo").write_text(_cpuinfo(), encoding="utf-8")
+        # The host's sysfs describes its x86 CPUs; aarch64 code that reads the topology there
+        # (pytorch's cpuinfo, inside ONNX Runtime and torch) crashed at import on it. The board
+        # shows only the list of its CPUs, as qemu-user runs it on the host's.
+        cpus = shlex.quote(_cpu_list())
+        cpu_dir = f"{root}/sys/devices/system/cpu"
         setup = [f"echo {self.hostname} > /proc/sys/kernel/hostname",
                  f"mount --bind {root}{self.board_dir}/cpuinfo {root}/proc/cpuinfo",
                  f"mount -t sysfs sysfs {root}/sys",
+                 f"mount -t tmpfs -o mode=0755 tmpfs {cpu_dir}",
+                 *[f"echo {cpus} > {cpu_dir}/{name}" for name in ("possible", "present",
+                                                                   "online")],
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/tmp",
                  f"mount -t tmpfs -o mode=1777 tmpfs {root}/dev/shm"]
         argv = [f"{BOARD_VENV}/bin/python", "-m", "devicekit", "serve",
@@ -187,7 +200,8 @@ class EmulatedBoard:
         # Every step of cmd execs the next, so proc.pid ends up being the daemon itself.
         state = {"device": self.device.name, "pid": proc.pid, "pid_start": _start_ticks(proc.pid),
                  "netns": self.netns, "host_veth": self.host_veth, "board": self.board_ip,
-                 "port": self.device.port, "rootfs": str(rootfs), "started_at": time.time()}
+                 "port": self.device.port, "rootfs": str(rootfs), "started_at": time.time(),
+                 "image": rootfs.parent.name, "baselines": list(self.baselines)}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.state_file)
@@ -261,9 +275,14 @@ class EmulatedBoard:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def board_up(device: Device, progress: Progress | None = None) -> tuple[str, int]:
-    """Start the device's emulated board unless it runs; returns the address to connect to."""
-    return EmulatedBoard.for_device(device, progress).start()
+def board_up(device: Device, progress: Progress | None = None,
+             baselines: tuple[str, ...] = ()) -> tuple[str, int]:
+    """Start the device's emulated board unless it runs; returns the address to connect to.
+
+    `baselines` boots the image that carries those engines; a board already running keeps the
+    image it runs (`board down` first to change it).
+    """
+    return EmulatedBoard.for_device(device, progress, baselines).start()
 
 
 def board_down(device: Device) -> None:
@@ -338,6 +357,12 @@ def _cpuinfo() -> str:
     cores = len(os.sched_getaffinity(0))
     return "".join(f"processor\t: {n}\nmodel name\t: qemu-aarch64 on {host_cpu}\n\n"
                    for n in range(cores))
+
+
+def _cpu_list() -> str:
+    """The board's CPUs as sysfs lists them (`0-3`): as many as this process may run on."""
+    cores = len(os.sched_getaffinity(0))
+    return f"0-{cores - 1}" if cores > 1 else "0"
 
 
 def _kill(pid: int) -> None:

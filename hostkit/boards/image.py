@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from hostkit.defaults import cache_dir
+from hostkit.engines import board_wheels
 from hostkit.errors import ConnectError
 
 __all__ = ["Progress", "BOARD_VENV", "IMAGES_ENV", "check_host", "host_problems", "ensure_binfmt",
@@ -153,14 +154,19 @@ def _device_requirements() -> list[str]:
     return sorted(r.strip() for r in requires if "extra" not in r.partition(";")[2])
 
 
-def _inputs() -> dict[str, object]:
-    return {"recipe": RECIPE, "suite": SUITE, "arch": ARCH, "packages": list(PACKAGES),
-            "python": BOARD_PYTHON, "platform": WHEEL_PLATFORM,
-            "requirements": _device_requirements()}
+def _inputs(baselines: tuple[str, ...] = ()) -> dict[str, object]:
+    inputs: dict[str, object] = {
+        "recipe": RECIPE, "suite": SUITE, "arch": ARCH, "packages": list(PACKAGES),
+        "python": BOARD_PYTHON, "platform": WHEEL_PLATFORM,
+        "requirements": _device_requirements()}
+    if baselines:  # only then: the lean default image keeps its key
+        inputs["baselines"] = [list(w.download_args()) for w in board_wheels(baselines)]
+    return inputs
 
 
-def image_key() -> str:
-    blob = json.dumps(_inputs(), sort_keys=True).encode()
+def image_key(baselines: tuple[str, ...] = ()) -> str:
+    """The image's identity: a hash of everything that goes into it (baseline engines too)."""
+    blob = json.dumps(_inputs(baselines), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -233,10 +239,15 @@ def _pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def ensure_image(progress: Progress | None = None, device: str | None = None) -> Path:
-    """The cached rootfs for the current inputs, building it first if it is missing (minutes)."""
+def ensure_image(progress: Progress | None = None, device: str | None = None,
+                 baselines: tuple[str, ...] = ()) -> Path:
+    """The cached rootfs for the current inputs, building it first if it is missing (minutes).
+
+    `baselines` adds those engines (`hostkit.engines`) to the board's venv: an image of its own,
+    so the default image, and CI with it, stay lean.
+    """
     say = progress or log.info
-    key = image_key()
+    key = image_key(baselines)
     final = images_dir() / key
     if (final / "rootfs").is_dir():
         return final / "rootfs"
@@ -251,7 +262,7 @@ def ensure_image(progress: Progress | None = None, device: str | None = None) ->
         work = images_dir() / f".build-{key}-{os.getpid()}"
         work.mkdir(parents=True)
         try:
-            _build(work, key, say, device)
+            _build(work, key, say, device, baselines)
             os.rename(work, final)
         except BaseException:
             if not mounts_under(work):
@@ -260,7 +271,8 @@ def ensure_image(progress: Progress | None = None, device: str | None = None) ->
     return final / "rootfs"
 
 
-def _build(work: Path, key: str, say: Progress, device: str | None) -> None:
+def _build(work: Path, key: str, say: Progress, device: str | None,
+           baselines: tuple[str, ...] = ()) -> None:
     started = time.monotonic()
     buildlog = work / "build.log"
     requirements = _device_requirements()
@@ -271,6 +283,13 @@ def _build(work: Path, key: str, say: Progress, device: str | None) -> None:
               "--platform", WHEEL_PLATFORM, "--python-version", BOARD_PYTHON,
               "--dest", str(wheels), *requirements], "downloading the board's wheels", device,
              buildlog)
+    extras = board_wheels(baselines)
+    for extra in extras:
+        say(f"board image {key}: downloading aarch64 wheels for {', '.join(extra.requirements)}")
+        run_step([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                  "--platform", WHEEL_PLATFORM, "--python-version", BOARD_PYTHON,
+                  "--dest", str(wheels), *extra.download_args()],
+                 "downloading the board's baseline wheels", device, buildlog)
     wheel_names = sorted(p.name for p in wheels.glob("*.whl"))
     mirror = os.environ.get(MIRROR_ENV, DEFAULT_MIRROR)
     say(f"board image {key}: debootstrap {SUITE} {ARCH} from {mirror} (a few minutes)")
@@ -285,18 +304,27 @@ def _build(work: Path, key: str, say: Progress, device: str | None) -> None:
     run_step(chroot_shell(rootfs, [f"{BOARD_VENV}/bin/pip", "install", "--quiet", "--no-index",
                                    "--find-links", "/opt/edgekit-wheels", *requirements]),
              "installing the board's wheels", device, buildlog)
+    for extra in extras:
+        say(f"board image {key}: installing {', '.join(extra.requirements)} (offline, under qemu)")
+        run_step(chroot_shell(rootfs, [f"{BOARD_VENV}/bin/pip", "install", "--quiet",
+                                       "--no-index", "--find-links", "/opt/edgekit-wheels",
+                                       *extra.install_args()]),
+                 "installing the board's baseline engines", device, buildlog)
     say(f"board image {key}: checking that TVM imports on the board")
     version = run_step(chroot_shell(rootfs, [f"{BOARD_VENV}/bin/python", "-c",
                                              "import tvm, numpy, cloudpickle, psutil; "
                                              "print(tvm.__version__)"]),
                        "importing TVM on the board", device, buildlog).strip()
+    for engine in baselines:  # engine names are their modules' names (devicekit.baselines)
+        run_step(chroot_shell(rootfs, [f"{BOARD_VENV}/bin/python", "-c", f"import {engine}"]),
+                 f"importing {engine} on the board", device, buildlog)
     shutil.rmtree(rootfs / "opt" / "edgekit-wheels")
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for item in (rootfs / cache).glob("*"):
             if item.is_file():
                 item.unlink()
     seconds = time.monotonic() - started
-    manifest = {**_inputs(), "key": key, "tvm": version, "build_seconds": round(seconds, 1),
+    manifest = {**_inputs(baselines), "key": key, "tvm": version, "build_seconds": round(seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "wheels": wheel_names}
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

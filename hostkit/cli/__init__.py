@@ -117,7 +117,8 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
         (5 if getattr(args, "profile", False) else 0)
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, rtol=args.rtol,
                          use_tuning=not args.no_tuning, perturb=args.perturb,
-                         profile_runs=profile_runs, runtime=args.runtime)
+                         profile_runs=profile_runs, runtime=args.runtime,
+                         baselines=args.baselines)
     specs = _specs(args, models)
     console = _progress_console()
     with console.status("starting", spinner="dots") as status:
@@ -332,7 +333,8 @@ def cmd_board(args: argparse.Namespace) -> int:
     if args.action == "up":
         progress = _progress_console()
         host, port = emulator.board_up(
-            device, progress=lambda line: progress.print(line, markup=False, style="dim"))
+            device, progress=lambda line: progress.print(line, markup=False, style="dim"),
+            baselines=args.baselines)
         state: dict[str, Any] = {"device": device.name, "status": "up", "address": f"{host}:{port}"}
     elif args.action == "down":
         emulator.board_down(device)
@@ -357,7 +359,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     console = _progress_console()
     with console.status(f"installing devicekit on {device.name}") as status:
         summary = install_device(device,
-                                 lambda what: status.update(escape(f"{device.name}: {what}")))
+                                 lambda what: status.update(escape(f"{device.name}: {what}")),
+                                 baselines=args.baselines)
     if args.json:
         print(to_json_plain(dataclasses.asdict(summary)))
     else:

@@ -57,6 +57,15 @@ def _percent(text: str) -> float:
     return value
 
 
+def _engines(text: str) -> tuple[str, ...]:
+    from hostkit.engines import parse_engines
+
+    try:
+        return parse_engines(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 12:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
@@ -103,6 +112,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime", choices=["python", "cpp"], default="python",
                      help="cpp: also run the model through the `edgekit export` bundle's C++ "
                           "runner on the device, checked and timed beside the Python daemon")
+    run.add_argument("--baselines", type=_engines, default=(), metavar="ENGINES",
+                     help="also run the model on the device in these engines (torch, "
+                          "onnxruntime; comma-separated), timed like TVM and checked against "
+                          "PyTorch; TVM's p50 is shown as a ratio to each")
 
     parser = _Parser(prog="edgekit", description="Deploy PyTorch models to your own edge boards "
                                                  "with Apache TVM.")
@@ -168,10 +181,17 @@ def parser() -> argparse.ArgumentParser:
     board = sub.add_parser("board", parents=[common], help="the emulated ARM board (qemu)")
     board.add_argument("action", choices=["up", "down", "status"])
     board.add_argument("--device", "-d", default="pi4-emu")
+    board.add_argument("--baselines", type=_engines, default=(), metavar="ENGINES",
+                       help="up: boot the image that also carries these engines (onnxruntime; "
+                            "built once, beside the lean default image)")
 
     dev = sub.add_parser("device", parents=[common], help="provision a board over SSH")
     dev.add_argument("action", choices=["install"])
     dev.add_argument("--device", "-d", required=True)
+    dev.add_argument("--baselines", type=_engines, nargs="?", const=("torch", "onnxruntime"),
+                     default=(), metavar="ENGINES",
+                     help="also install baseline engines (default both: torch, onnxruntime), "
+                          "from wheels fetched here for the board's platform")
 
     cmp = sub.add_parser("compare", parents=[common],
                          help="regression gate: compare two `bench --json` result files")

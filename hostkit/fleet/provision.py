@@ -4,7 +4,8 @@ The board needs only SSH and a Python 3.10+. The host downloads the wheels for t
 platform (cached under `cache_dir()/wheels/<platform>`), builds a wheel of this edgekit, and
 pushes them by SFTP; the board then makes `<work_dir>/venv` and installs from those files with
 `--no-index`, so it never reaches a package index. Running it again pushes nothing new and leaves
-a working install as it is.
+a working install as it is. `--baselines` adds the baseline engines (`hostkit.engines`) the same
+way, so the board can run the model in PyTorch and ONNX Runtime beside TVM.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from hostkit.defaults import cache_dir
+from hostkit.engines import WheelSet, board_wheels
 from hostkit.errors import ConnectError, RemoteError, TransferError
 from hostkit.inventory import Device
 from hostkit.transport.ssh import RemotePython, check_devicekit, host_tvm_version, probe_python
@@ -54,13 +56,15 @@ class InstallResult:
     bytes_sent: int
     installed: bool  # False when the board already had this exact install
     seconds: float
+    baselines: tuple[str, ...] = ()  # baseline engines installed beside TVM
 
     def __str__(self) -> str:
         sent = (f"{len(self.sent)} wheels sent ({self.bytes_sent / 1e6:.1f} MB)"
                 if self.sent else "nothing new to send")
         state = "installed" if self.installed else "already up to date"
+        engines = f", baselines {', '.join(self.baselines)}" if self.baselines else ""
         return (f"{self.python} (Python {self.python_version}, {self.arch}, TVM "
-                f"{self.tvm_version}): {state}, {sent}, {self.seconds:.0f}s")
+                f"{self.tvm_version}{engines}): {state}, {sent}, {self.seconds:.0f}s")
 
 
 def requirements() -> list[str]:
@@ -91,8 +95,10 @@ def board_platform(device: Device, remote: RemotePython) -> str:
     return f"manylinux_2_28_{arch}"
 
 
-def install_device(device: Device, progress: Step | None = None) -> InstallResult:
-    """Install devicekit and the host's TVM into `<work_dir>/venv` on an ssh device."""
+def install_device(device: Device, progress: Step | None = None,
+                   baselines: tuple[str, ...] = ()) -> InstallResult:
+    """Install devicekit and the host's TVM (and `baselines`' engines) into `<work_dir>/venv` on
+    an ssh device."""
     if device.transport != "ssh":
         raise ConnectError(f"`edgekit device install` works over SSH; {device.name} uses "
                            f"transport '{device.transport}'", device=device.name, stage="install",
@@ -115,7 +121,8 @@ def install_device(device: Device, progress: Step | None = None) -> InstallResul
         with tempfile.TemporaryDirectory(prefix="edgekit-wheels-") as tmp:
             stage = Path(tmp)
             note(f"fetching wheels for {platform}, Python {py_version}")
-            wheels = _fetch_wheels(device, platform, py_version, stage)
+            extras = board_wheels(baselines)
+            wheels = _fetch_wheels(device, platform, py_version, stage, extras)
             note("building the edgekit wheel")
             wheels.append(_edgekit_wheel(device, stage / "edgekit"))
             remote_dir = f"{conn.work_dir}/wheels"
@@ -123,34 +130,49 @@ def install_device(device: Device, progress: Step | None = None) -> InstallResul
         venv_python = f"{conn.work_dir}/venv/bin/python"
         current = probe_python(conn, venv_python)
         host_tvm = host_tvm_version()
-        fresh = not sent and current.devicekit is not None and current.tvm == host_tvm
+        fresh = (not sent and current.devicekit is not None and current.tvm == host_tvm
+                 and _has_engines(conn, venv_python, baselines))
         if not fresh:
             _install(conn, device, base.path, venv_python, [w.name for w in wheels], remote_dir,
-                     note)
+                     note, extras)
             current = probe_python(conn, venv_python)
         check_devicekit(device, current, host_tvm)
     return InstallResult(device=device.name, python=venv_python, python_version=base.python,
                          arch=base.arch, platform=platform, tvm_version=host_tvm,
                          sent=sent, bytes_sent=sent_bytes, installed=not fresh,
-                         seconds=time.perf_counter() - start)
+                         seconds=time.perf_counter() - start, baselines=baselines)
 
 
-def _fetch_wheels(device: Device, platform: str, py_version: str, stage: Path) -> list[Path]:
+def _fetch_wheels(device: Device, platform: str, py_version: str, stage: Path,
+                  extras: Sequence[WheelSet] = ()) -> list[Path]:
     """Exactly the wheels the board needs, copied into `stage`; downloads only what is missing."""
     cache = cache_dir() / "wheels" / platform
     cache.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--platform", platform,
-            "--python-version", py_version, "--implementation", "cp", "--quiet",
-            "--disable-pip-version-check", *requirements()]
-    offline = [*base, "--no-index", "--find-links", str(cache), "--dest", str(stage)]
-    if _pip(offline).returncode != 0:
-        fetched = _pip([*base, "--dest", str(cache)])
-        if fetched.returncode != 0 or _pip(offline).returncode != 0:
-            tail = " | ".join(fetched.stderr.strip().splitlines()[-2:])
-            raise TransferError(f"cannot download the board's wheels for {platform}, Python "
-                                f"{py_version}: {tail}", device=device.name, stage="install",
-                                hint="is PyPI reachable from this host?")
+    pip = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--platform", platform,
+           "--python-version", py_version, "--implementation", "cp", "--quiet",
+           "--disable-pip-version-check"]
+    for wanted in [WheelSet(tuple(requirements())), *extras]:
+        online = [*pip, *wanted.download_args()]
+        offline = [*pip, "--no-index", "--find-links", str(cache), "--dest", str(stage),
+                   *wanted.install_args()]
+        if _pip(offline).returncode != 0:
+            fetched = _pip([*online, "--dest", str(cache)])
+            if fetched.returncode != 0 or _pip(offline).returncode != 0:
+                tail = " | ".join(fetched.stderr.strip().splitlines()[-2:])
+                where = wanted.index_url or "PyPI"
+                raise TransferError(f"cannot download the board's wheels for {platform}, Python "
+                                    f"{py_version} ({', '.join(wanted.requirements)}): {tail}",
+                                    device=device.name, stage="install",
+                                    hint=f"is {where} reachable from this host?")
     return sorted(stage.glob("*.whl"))
+
+
+def _has_engines(conn: SshConnection, venv_python: str, engines: tuple[str, ...]) -> bool:
+    """Whether the board's venv imports every engine (their names are their modules')."""
+    if not engines:
+        return True
+    imports = "; ".join(f"import {engine}" for engine in engines)
+    return conn.run(f"{shlex.quote(venv_python)} -c {shlex.quote(imports)}").code == 0
 
 
 def _pip(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -242,7 +264,8 @@ def _same_on_board(conn: SshConnection, python: str, wheel: Path, remote_dir: st
 
 
 def _install(conn: SshConnection, device: Device, base_python: str, venv_python: str,
-             wheel_names: list[str], remote_dir: str, note: Step) -> None:
+             wheel_names: list[str], remote_dir: str, note: Step,
+             extras: Sequence[WheelSet] = ()) -> None:
     venv = venv_python.rsplit("/bin/", 1)[0]
     if not conn.exists(venv_python):
         note("creating the venv")
@@ -261,6 +284,10 @@ def _install(conn: SshConnection, device: Device, base_python: str, venv_python:
     note("installing TVM and its dependencies on the board (offline)")
     reqs = " ".join(shlex.quote(r) for r in requirements())
     conn.check(f"{pip} {reqs}", stage="install", timeout=INSTALL_TIMEOUT_S)
+    for extra in extras:
+        note(f"installing {', '.join(extra.requirements)} on the board (offline)")
+        args = " ".join(shlex.quote(a) for a in extra.install_args())
+        conn.check(f"{pip} {args}", stage="install", timeout=INSTALL_TIMEOUT_S)
     note("installing devicekit on the board")
     conn.check(f"{pip} --no-deps --force-reinstall {shlex.quote(f'{remote_dir}/{edgekit_wheel}')}",
                stage="install", timeout=INSTALL_TIMEOUT_S)

@@ -2,8 +2,9 @@
 
 No script, font or stylesheet is fetched: the styles are inline and the charts are SVG drawn
 here, so the page opens the same on a laptop with no network. It holds the results table, a bar
-chart of p50 latency per device and model, and for every result with a profile a bar chart of its
-slowest kernels. Everything shown is escaped: device names and errors come from outside.
+chart of p50 latency per device and model, with `--baselines` a bar chart of each engine's p50,
+and for every result with a profile a bar chart of its slowest kernels. Everything shown is
+escaped: device names and errors come from outside.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def html_report(results: Sequence[RunResult], title: str) -> str:
     bars = [(_label(r), r.latency_ms.p50) for r in results if r.ok and r.latency_ms]
     if bars:
         parts += ["<h2>p50 latency (ms)</h2>", _bar_chart(bars, "ms")]
+    engines = [(f"{_label(r)} · {name}", p50) for r in results if r.baselines
+               for name, p50 in _engine_p50s(r)]
+    if engines:
+        parts += ["<h2>Engines on each device: p50 (ms) of TVM and the baselines that matched "
+                  "PyTorch</h2>", _bar_chart(engines, "ms")]
     for r in results:
         rows = (r.profile or {}).get("rows") or []
         if rows:
@@ -52,6 +58,14 @@ def html_report(results: Sequence[RunResult], title: str) -> str:
                       f"top {len(top)} of {len(rows)} kernels)</h2>", _bar_chart(top, "ms")]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _engine_p50s(r: RunResult) -> list[tuple[str, float]]:
+    """TVM's p50 and each baseline's that ran and matched (`--baselines`), fastest marked."""
+    p50s = [("tvm", r.latency_ms.p50)] if r.ok and r.latency_ms else []
+    p50s += [(b.engine, b.latency_ms.p50) for b in r.baselines
+             if b.status == "ok" and b.latency_ms is not None]
+    return [(f"{name} (fastest)" if name == r.fastest else name, p50) for name, p50 in p50s]
 
 
 def _label(r: RunResult) -> str:

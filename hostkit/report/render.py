@@ -18,11 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hostkit.engines import ENGINES
 from hostkit.report.compare import Change
-from hostkit.report.results import RunResult
+from hostkit.report.results import Baseline, RunResult
 
-__all__ = ["deploy_summary", "bench_table", "devices_table", "compare_table", "to_json",
-           "write_csv", "write_text_atomic", "LEGEND", "CPP_LEGEND", "CSV_FIELDS"]
+__all__ = ["deploy_summary", "bench_table", "engines_table", "devices_table", "compare_table",
+           "to_json", "write_csv", "write_text_atomic", "LEGEND", "CPP_LEGEND", "BASELINE_LEGEND",
+           "CSV_FIELDS"]
 
 LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the error column. "
           "latency: p50/p90 over n device-timed runs (ms). rel err: max abs diff vs PyTorch over "
@@ -31,11 +33,21 @@ LEGEND = ("status: ok = ran and matched PyTorch within rtol; failed = see the er
 CPP_LEGEND = ("C++: the export bundle's runner on the device (--runtime cpp), timed by the runner "
               "itself (nearest-rank p50), checked against PyTorch like the daemon")
 
+BASELINE_LEGEND = ("engines: the same model, weights and input run on the device in each engine, "
+                   "timed like TVM and checked against PyTorch; TVM vs = TVM's p50 over the "
+                   "engine's (below 1: TVM is faster); n/a = the device lacks the engine "
+                   "(`edgekit device install --baselines`); a failed engine fails only its cell")
+
+# Per baseline engine: its status, p50, relative error and TVM's ratio to it.
+BASELINE_FIELDS = [f"{engine}_{what}" for engine in ENGINES
+                   for what in ("status", "p50_ms", "rel_err", "tvm_ratio")]
+
 CSV_FIELDS = ["device", "model", "target", "status", "error", "tuned", "tuned_kernels", "emulated",
               "cached", "perturbed", "max_abs_diff", "rel_err", "ref_max", "cosine", "top1_match",
               "top5_match", "compile_s", "upload_s",
               "load_s", "first_inference_ms", "memory_mb", "p50_ms", "p90_ms", "mean_ms",
-              "std_ms", "n", "artifact_sha256", "cpp_p50_ms", "cpp_p90_ms", "cpp_rel_err"]
+              "std_ms", "n", "artifact_sha256", "cpp_p50_ms", "cpp_p90_ms", "cpp_rel_err",
+              *BASELINE_FIELDS, "fastest"]
 
 
 def _ms(value: float | None) -> str:
@@ -103,9 +115,26 @@ def deploy_summary(console: Console, result: RunResult) -> None:
             c = cpp.latency_ms
             rows.append(("C++ latency", f"p50 {_ms(c.p50)} ms · p90 {_ms(c.p90)} ms · mean "
                                         f"{_ms(c.mean)} ± {_ms(c.std)} ms · n={c.n}"))
+    for baseline in result.baselines:
+        rows.append((f"{baseline.engine} on device", _baseline_line(result, baseline)))
+    if result.fastest:
+        rows.append(("fastest", f"[bold]{escape(result.fastest)}[/bold]"
+                                + (" [yellow](emulated board)[/yellow]" if result.emulated
+                                   else "")))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _baseline_line(result: RunResult, b: Baseline) -> str:
+    if b.status != "ok" or b.latency_ms is None:
+        colour = "yellow" if b.status == "n/a" else "red"
+        return f"[{colour}]{escape(b.cell())}[/{colour}]"
+    lat = b.latency_ms
+    ratio = (f" · TVM {b.tvm_ratio:.3g}x {b.engine}{'*' if b.emulated else ''}"
+             if b.tvm_ratio is not None else "")
+    return escape(f"p50 {_ms(lat.p50)} ms · p90 {_ms(lat.p90)} ms · n={lat.n} · relative error "
+                  f"{_diff(b.rel_err)}{ratio} ({b.engine} {b.version}, {b.threads} threads)")
 
 
 def _memory(result: RunResult) -> str:
@@ -185,9 +214,45 @@ def bench_table(console: Console, results: Sequence[RunResult]) -> None:
                       "-" if r.memory_mb is None else f"{r.memory_mb:.0f}",
                       _diff(r.rel_err), "yes" if r.tuned else "no", tail, *extra)
     console.print(table)
+    if any(r.baselines for r in results):
+        engines_table(console, results)
     failed = sum(1 for r in results if not r.ok)
     legend = f"{LEGEND}. {CPP_LEGEND}" if cpp else LEGEND
+    if any(r.baselines for r in results):
+        legend = f"{legend}. {BASELINE_LEGEND}"
     console.print(f"{len(results) - failed} ok, {failed} failed. {legend}", style="dim")
+
+
+def engines_table(console: Console, results: Sequence[RunResult]) -> None:
+    """TVM beside each baseline engine, per device and model; the fastest engine stands out."""
+    engines = list(dict.fromkeys(b.engine for r in results for b in r.baselines))
+    table = Table(title="edgekit bench: engines on each device (p50 ms)", title_justify="left")
+    for name, justify in [("device", "left"), ("model", "left"), ("tvm", "right"),
+                          *[(e, "right") for e in engines], ("TVM vs", "left"),
+                          ("fastest", "left")]:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in results:
+        if not r.baselines:
+            continue
+        by = {b.engine: b for b in r.baselines}
+        tvm = _ms(r.latency_ms.p50) if r.ok and r.latency_ms else "failed"
+        cells = [_standout(tvm, r.fastest == "tvm")]
+        for engine in engines:
+            b = by.get(engine)
+            text = escape(b.cell()) if b else "-"
+            if b is not None and b.status == "failed":
+                text = f"[red]{text}[/red]"
+            elif b is not None and b.status == "n/a":
+                text = f"[yellow]{text}[/yellow]"
+            cells.append(_standout(text, r.fastest == engine))
+        device = escape(f"{r.device}*" if r.emulated else r.device)
+        table.add_row(device, escape(r.model), *cells, escape(r.ratios() or "-"),
+                      f"[bold green]{escape(r.fastest)}[/bold green]" if r.fastest else "-")
+    console.print(table)
+
+
+def _standout(text: str, fastest: bool) -> str:
+    return f"[bold green]{text}[/bold green]" if fastest else text
 
 
 PROFILE_FIELDS = ["name", "symbol", "calls", "total_ms", "mean_ms", "share", "gflops", "tuned"]
@@ -288,6 +353,10 @@ def _csv_row(r: RunResult) -> dict[str, Any]:
     cpp_lat = cpp.get("latency_ms") or {}
     row.update({"cpp_p50_ms": cpp_lat.get("p50"), "cpp_p90_ms": cpp_lat.get("p90"),
                 "cpp_rel_err": cpp.get("rel_err")})
+    for b in r.baselines:
+        row.update({f"{b.engine}_status": b.status,
+                    f"{b.engine}_p50_ms": b.latency_ms.p50 if b.latency_ms else None,
+                    f"{b.engine}_rel_err": b.rel_err, f"{b.engine}_tvm_ratio": b.tvm_ratio})
     return {k: row.get(k) for k in CSV_FIELDS}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Latency", "RunResult", "CppRun"]
+__all__ = ["Latency", "RunResult", "CppRun", "Baseline"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,38 @@ class CppRun:
     latency_ms: Latency | None = None
     max_abs_diff: float | None = None
     rel_err: float | None = None
+
+
+@dataclass
+class Baseline:
+    """One baseline engine (`hostkit.engines`) run on the device beside TVM: the same model,
+    weights and input, timed with TVM's protocol and checked against PyTorch like TVM.
+
+    `status` is ok, failed (with `reason`; only this engine's cell fails, never the row) or n/a
+    (the device lacks the engine). `tvm_ratio` is TVM's p50 over this engine's p50 (0.62: TVM
+    takes 0.62 of its time), set only when both matched PyTorch.
+    """
+
+    engine: str
+    status: str = "failed"
+    reason: str | None = None
+    version: str | None = None
+    threads: int | None = None
+    load_s: float | None = None
+    first_inference_ms: float | None = None
+    latency_ms: Latency | None = None
+    max_abs_diff: float | None = None
+    rel_err: float | None = None
+    tvm_ratio: float | None = None
+    emulated: bool = False  # on an emulated board the ratio is qemu's, not the board's
+
+    def cell(self) -> str:
+        """What a table shows for it: its p50, or why there is none."""
+        if self.status == "ok" and self.latency_ms is not None:
+            return f"{self.latency_ms.p50:,.2f}"
+        if self.status == "n/a":
+            return f"n/a ({self.reason or 'not installed'})"
+        return f"failed: {self.reason}"
 
 
 @dataclass
@@ -80,11 +112,19 @@ class RunResult:
     profile: dict[str, Any] | None = None  # per-kernel times on the device (hostkit.run.profile)
     latency_ms: Latency | None = None
     cpp: CppRun | None = None  # with --runtime cpp: the same model through the C++ runner
+    baselines: list[Baseline] = field(default_factory=list)  # with --baselines, in that order
+    fastest: str | None = None  # with --baselines: the engine with the lowest p50 ("tvm", ...)
     device_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def ratios(self) -> str:
+        """TVM's ratio to each baseline that has one, e.g. `0.62x torch, 1.07x onnxruntime`."""
+        mark = "*" if self.emulated else ""
+        return ", ".join(f"{b.tvm_ratio:.3g}x {b.engine}{mark}" for b in self.baselines
+                         if b.tvm_ratio is not None)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -96,4 +136,6 @@ def _finite(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
     return value

@@ -46,6 +46,8 @@ class RunOptions:
     profile_runs: int = 0
     # "cpp": also run the export bundle's C++ runner on the device (hostkit.run.cpp).
     runtime: str = "python"
+    # Engines (hostkit.engines) to run on the device beside TVM (hostkit.run.baselines).
+    baselines: tuple[str, ...] = ()
 
 
 class _ModelCache:
@@ -175,6 +177,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "loading model")
         model, reference = models.get(spec)
         result.model = model.name
+        original = model  # the baselines run the model as given, even when TVM's is perturbed
         if options.perturb:
             model, result.perturbed = model.perturbed(), True
         tuning = records_for(model, resolved) if options.use_tuning else None
@@ -252,6 +255,15 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
             if not cpp_check.passed(options.rtol):
                 raise RemoteError(f"C++ runner: {cpp_check.reason(options.rtol)}",
                                   device=device.name, stage="cpp-check")
+        if options.baselines:
+            from hostkit.run.baselines import fastest, run_baselines
+
+            tvm_p50 = result.latency_ms.p50 if result.latency_ms else None
+            result.baselines = run_baselines(
+                session.sess, device.name, original, reference, options.baselines,
+                options.repeat, options.warmup, tvm_p50, options.rtol, device.emulated,
+                lambda what: note(device.name, spec.name, f"baseline {what}"))
+            result.fastest = fastest(tvm_p50, result.baselines)
         result.status = "ok"
     except EdgekitError as exc:
         _fail(result, exc)

@@ -290,6 +290,35 @@ def test_install_device_makes_a_bare_board_work(tmp_path: Path, sshd: Sshd,
     print(f"install: first {first_s:.1f}s, again {again_s:.1f}s, {first}")
 
 
+@needs_bare_python
+@pytest.mark.slow
+def test_install_baselines_then_onnxruntime_runs_on_the_board(
+        tmp_path: Path, sshd: Sshd, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgekit device install --baselines onnxruntime` on a bare Python (issue 13): the wheels
+    are fetched here, installed offline there, and the board then runs ONNX Runtime beside TVM."""
+    from hostkit.cli import main
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(USER_CACHE))
+    inventory = write_inventory(tmp_path / "inventory.yaml", sshd, python=DEBIAN_PYTHON)
+    start = time.perf_counter()
+    assert main(["device", "install", "-i", str(inventory), "--device", "sshbox",
+                 "--baselines", "onnxruntime", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    install_s = time.perf_counter() - start
+    assert summary["baselines"] == ["onnxruntime"] and summary["installed"] is True
+    assert any(name.startswith("onnxruntime-") for name in summary["sent"])
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["deploy", "-i", str(inventory), "--device", "sshbox", "tinycnn",
+                 "--baselines", "onnxruntime,torch", "--json", "--repeat", "3"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    ort, torch_run = record["baselines"]
+    assert record["status"] == "ok" and ort["status"] == "ok", ort["reason"]
+    assert ort["rel_err"] <= 1e-4 and ort["tvm_ratio"] > 0
+    assert (torch_run["status"], torch_run["reason"]) == ("n/a", "not installed")
+    print(f"install with onnxruntime: {install_s:.1f}s")
+
+
 @pytest.mark.slow
 def test_deploy_resnet18_over_ssh(tmp_path: Path, sshd: Sshd,
                                   capsys: pytest.CaptureFixture[str]) -> None:
