@@ -89,9 +89,20 @@ class ExportError(EdgekitError):
     """A bundle cannot be made: its output folder, the TVM runtime for the device, the runner."""
 
 
+# TVM's RPC client puts this line above the device's own error text.
+_RPC_WRAPPER = "Error caught from RPC call"
+
+
 def first_line(exc: BaseException) -> str:
-    """The line of a foreign exception's text that names the error, shortened for one line."""
+    """The line of a foreign exception's text that names the error, shortened for one line.
+
+    An RPC error is TVM's wrapper line followed by what the device raised; the line is taken from
+    the device's part, which names the cause (the wrapper alone says nothing).
+    """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    wrapper = [i for i, line in enumerate(lines) if _RPC_WRAPPER in line]
+    if wrapper and wrapper[-1] + 1 < len(lines):
+        lines = lines[wrapper[-1] + 1:]
     errors = [line for line in lines if "Error" in line]
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
 

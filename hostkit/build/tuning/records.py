@@ -254,7 +254,7 @@ def _plain(value: Any) -> Any:
 def _host_cpu_model() -> str:
     from devicekit.info import device_info  # the same reading the daemon reports
 
-    return str(device_info()["cpu"])
+    return str(device_info(with_gpus=False)["cpu"])
 
 
 def llvm_cpu_for(info: dict[str, Any]) -> str | None:
