@@ -79,29 +79,48 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
-def strip_compiler(dry_run: bool = False) -> dict[str, Any]:
-    """Make this Python's TVM runtime-only: remove `libtvm_compiler.so` (about 250 MB of the
-    300 MB package), which loading and running compiled libraries never use. TVM then starts
-    runtime-only by itself. Returns the environment's size before and after, in bytes.
+def strip_compiler(dry_run: bool = False, package: Path | None = None,
+                   prefix: Path | None = None) -> dict[str, Any]:
+    """Make a TVM runtime-only: remove `libtvm_compiler.so` (about 250 MB of the 300 MB package),
+    which loading and running compiled libraries never use; TVM then starts runtime-only by
+    itself. By default this Python's TVM, found without importing it (an import would map the
+    compiler it is about to lose), measured over this Python's environment (`sys.prefix`).
 
-    The package is found without importing it (an import maps the compiler it is about to lose).
+    Returns the files found, the environment's size before and after, and its size with the
+    compiler (`full_bytes`, from the wheel's RECORD once the file is gone), in bytes.
     """
     import importlib.util
     import sys
 
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("no TVM installed in this Python")
-    package = Path(list(spec.submodule_search_locations)[0])
+    if package is None:
+        spec = importlib.util.find_spec("tvm")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("no TVM installed in this Python")
+        package = Path(list(spec.submodule_search_locations)[0])
+    root = prefix or Path(sys.prefix)
     compiler = sorted(package.glob("lib/libtvm_compiler.so*"))
-    before = _tree_bytes(Path(sys.prefix))
-    removed = sum(path.stat().st_size for path in compiler)
+    before = _tree_bytes(root)
+    present = sum(path.stat().st_size for path in compiler)
     if not dry_run:
         for path in compiler:
             path.unlink()
-    return {"prefix": sys.prefix, "tvm_package": str(package),
-            "compiler": [path.name for path in compiler], "removed": not dry_run,
-            "before_bytes": before, "after_bytes": before if dry_run else before - removed}
+    after = before if dry_run else before - present
+    return {"prefix": str(root), "tvm_package": str(package),
+            "compiler": [path.name for path in compiler], "removed": bool(compiler) and not dry_run,
+            "before_bytes": before, "after_bytes": after,
+            "full_bytes": after + (present if not dry_run else 0) + (
+                0 if compiler else _recorded_compiler_bytes(package))}
+
+
+def _recorded_compiler_bytes(package: Path) -> int:
+    """The compiler's size as the installed wheel's RECORD lists it (0 when unknown)."""
+    for record in package.parent.glob("apache_tvm-*.dist-info/RECORD"):
+        for line in record.read_text(encoding="utf-8", errors="replace").splitlines():
+            name, _, rest = line.partition(",")
+            if name.startswith("tvm/lib/libtvm_compiler.so"):
+                size = rest.rpartition(",")[2]
+                return int(size) if size.isdigit() else 0
+    return 0
 
 
 def _tree_bytes(folder: Path) -> int:

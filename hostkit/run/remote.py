@@ -88,9 +88,9 @@ class DeviceSession:
         from tvm import relax
 
         try:
-            lib_path = self.sess.get_function("edgekit.artifact_path")(sha256)
             if device_type_for(target_kind) != 1:
                 self._use_device(target_kind)
+            lib_path = self.sess.get_function("edgekit.artifact_path")(sha256)
             module = self.sess.load_module(lib_path)
             dev = self.sess.device(device_type_for(target_kind), 0)
             vm = relax.VirtualMachine(module, dev)
