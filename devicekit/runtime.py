@@ -73,7 +73,12 @@ def gpus() -> list[dict[str, Any]]:
             found.append({"index": index, "name": str(dev.device_name),
                           "arch": "sm_" + capability.replace(".", ""),
                           "compute_capability": capability,
-                          "memory_bytes": int(dev.total_global_memory or 0)})
+                          "memory_bytes": int(dev.total_global_memory or 0),
+                          # What MetaSchedule's GPU rules need in a CUDA target.
+                          "max_threads_per_block": int(dev.max_threads_per_block or 0),
+                          "max_shared_memory_per_block":
+                              int(dev.max_shared_memory_per_block or 0),
+                          "warp_size": int(dev.warp_size or 0)})
         except Exception:  # a driver that answers one question and not the next: stop there
             break
     return found

@@ -281,6 +281,8 @@ def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target
     import tvm
 
     spec = _target_dict(resolved.target)
+    if spec.get("kind") == "cuda":
+        return _cuda_target(spec, info)
     if spec.get("kind") != "llvm":
         return resolved.target
     if not spec.get("num-cores") and int(info.get("cores") or 0) > 0:
@@ -289,6 +291,21 @@ def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target
         mcpu = llvm_cpu_for(info)
         if mcpu:
             spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
+
+
+def _cuda_target(spec: dict[str, Any], info: dict[str, Any]) -> "tvm.target.Target":
+    """A CUDA target with the limits MetaSchedule's GPU rules schedule by (threads and shared
+    memory per block, warp size), from the device's first GPU where the target names none."""
+    import tvm
+
+    gpus = [g for g in info.get("gpus") or [] if isinstance(g, dict)]
+    if gpus:
+        for key, reported in (("max_threads_per_block", "max_threads_per_block"),
+                              ("max_shared_memory_per_block", "max_shared_memory_per_block"),
+                              ("thread_warp_size", "warp_size")):
+            if not spec.get(key) and int(gpus[0].get(reported) or 0) > 0:
+                spec[key] = int(gpus[0][reported])
     return tvm.target.Target(spec)
 
 
