@@ -103,9 +103,9 @@ def compile_kernels(source: str, arch: str, fmt: str) -> bytes:
     """One CUDA module's source compiled with NVRTC: a cubin for `arch`, or its PTX."""
     toolkit = cuda_toolkit()
     if toolkit is None:
-        raise CompileError("compiling CUDA kernels needs the CUDA toolkit's headers (cuda_runtime.h "
-                           "and libcu++) on this machine; install the CUDA toolkit or set "
-                           "CUDA_PATH", stage="compile")
+        raise CompileError("compiling CUDA kernels needs the CUDA toolkit's headers "
+                           "(cuda_runtime.h and libcu++) on this machine; install the CUDA "
+                           "toolkit or set CUDA_PATH", stage="compile")
     # TVM's NVRTC wrapper finds the headers through CUDA_PATH; the same value for every build.
     os.environ.setdefault("CUDA_PATH", str(toolkit))
     from tvm.support import nvcc
@@ -122,8 +122,8 @@ def pack_imports_compiled(arch: str, fmt: str) -> Callable[..., str]:
     """An `fpack_imports` for `export_library`: the imported modules packed as TVM packs them,
     with each CUDA module's source replaced by its compiled kernels."""
     if fmt not in KERNEL_FORMATS:
-        raise CompileError(f"unknown CUDA kernel format {fmt!r}; one of {', '.join(KERNEL_FORMATS)}",
-                           stage="compile")
+        raise CompileError(f"unknown CUDA kernel format {fmt!r}; one of "
+                           f"{', '.join(KERNEL_FORMATS)}", stage="compile")
 
     def pack(mod: Any, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
         import tvm

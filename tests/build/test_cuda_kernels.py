@@ -120,3 +120,29 @@ def test_an_arch_nvrtc_cannot_build_for_is_one_clear_line() -> None:
     _needs_nvrtc()
     with pytest.raises(CompileError, match="NVRTC could not compile the CUDA kernels for sm_50"):
         compile_kernels('extern "C" __global__ void k() {}', "sm_50", "cubin")
+
+
+def test_packed_modules_rewritten_exactly_and_refused_when_not_source() -> None:
+    """The blob layout edgekit rewrites (TVM-FFI's packed imports), on hand-made bytes: the CUDA
+    module's source becomes the compiled code, the function map and other modules stay as they
+    are, and a CUDA module that holds no source is refused rather than shipped unchecked."""
+    import struct
+
+    from hostkit.build.cuda import replace_cuda_code
+
+    def field(data: bytes) -> bytes:
+        return struct.pack("<Q", len(data)) + data
+
+    def blob(cuda_module: bytes) -> bytes:
+        tree = struct.pack("<QQQQ", 3, 0, 1, 1) + struct.pack("<QQ", 1, 1)  # _lib imports cuda
+        body = tree + field(b"_lib") + field(b"cuda") + field(cuda_module)
+        return struct.pack("<Q", len(body)) + body
+
+    source, fmap = b'extern "C" __global__ void k() {}', b"\x01\x02function-map\x03"
+    compiled = replace_cuda_code(blob(field(b"cuda") + fmap + field(source)), [source],
+                                 lambda src: b"\x7fELF-cubin-of-" + src[:6], "cubin")
+    assert compiled == blob(field(b"cubin") + fmap + field(b'\x7fELF-cubin-of-extern'))
+    with pytest.raises(CompileError, match="already holds 'cubin' kernels"):
+        replace_cuda_code(compiled, [source], lambda src: src, "cubin")
+    with pytest.raises(CompileError, match="cannot read the library's packed modules"):
+        replace_cuda_code(compiled[:-3], [source], lambda src: src, "cubin")
