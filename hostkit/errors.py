@@ -32,6 +32,7 @@ __all__ = [
     "TuneError",
     "ExportError",
     "first_line",
+    "device_part",
     "shown",
 ]
 
@@ -99,12 +100,15 @@ def first_line(exc: BaseException) -> str:
     An RPC error is TVM's wrapper line followed by what the device raised; the line is taken from
     the device's part, which names the cause (the wrapper alone says nothing).
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    wrapper = [i for i, line in enumerate(lines) if _RPC_WRAPPER in line]
-    if wrapper and wrapper[-1] + 1 < len(lines):
-        lines = lines[wrapper[-1] + 1:]
+    lines = device_part([line.strip() for line in str(exc).splitlines() if line.strip()])
     errors = [line for line in lines if "Error" in line]
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def device_part(lines: list[str]) -> list[str]:
+    """The lines below TVM's last RPC wrapper line (what the device raised), else all of them."""
+    wrapper = [i for i, line in enumerate(lines) if _RPC_WRAPPER in line]
+    return lines[wrapper[-1] + 1:] if wrapper and wrapper[-1] + 1 < len(lines) else lines
 
 
 # Quoted values are cut to a few dozen characters: a message stays one short line, whatever the

@@ -48,8 +48,13 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         resolved = complete_from_device(device, resolved, info)
         records = records_for(model, resolved)
         before = records.count()
-        target = records.tuned_target(device_target(resolved, info)) if records.exists() \
-            else device_target(resolved, info)
+        try:
+            target = device_target(resolved, info)
+        except TuneError as exc:
+            exc.device = device.name
+            raise
+        if records.exists():
+            target = records.tuned_target(target)
         prepared = prepare_module(import_relax(model), target)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before

@@ -146,3 +146,31 @@ def test_packed_modules_rewritten_exactly_and_refused_when_not_source() -> None:
         replace_cuda_code(compiled, [source], lambda src: src, "cubin")
     with pytest.raises(CompileError, match="cannot read the library's packed modules"):
         replace_cuda_code(compiled[:-3], [source], lambda src: src, "cubin")
+
+
+def test_tuning_candidates_carry_cubins_too(tmp_path: Path) -> None:
+    """What `edgekit tune` measures on a CUDA device: each candidate, built by MetaSchedule's
+    builder function and exported by edgekit's, holds a cubin for the device, so a runtime-only
+    board can time it."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from hostkit.build.cuda import kernels_from_source
+    from hostkit.build.tuning.search import build_candidate, export_candidate
+
+    _needs_nvrtc()
+
+    @T.prim_func
+    def double(A: T.Buffer((1024,), "float32"), B: T.Buffer((1024,), "float32")) -> None:
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        for bx in T.thread_binding(8, thread="blockIdx.x"):
+            for tx in T.thread_binding(128, thread="threadIdx.x"):
+                B[bx * 128 + tx] = A[bx * 128 + tx] * T.float32(2)
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
+    with kernels_from_source():
+        built = build_candidate(tvm.IRModule({"main": double}), target, None)
+        path = export_candidate(str(tmp_path), None, "sm_90", built)
+    kernels = library_kernels(Path(path))
+    assert [(fmt, cubin_arch(code)) for fmt, code in kernels] == [("cubin", "sm_90")]
+    _assert_no_source(Path(path))

@@ -306,6 +306,13 @@ def _cuda_target(spec: dict[str, Any], info: dict[str, Any]) -> "tvm.target.Targ
                               ("thread_warp_size", "warp_size")):
             if not spec.get(key) and int(gpus[0].get(reported) or 0) > 0:
                 spec[key] = int(gpus[0][reported])
+    missing = [key for key in ("max_threads_per_block", "max_shared_memory_per_block")
+               if not spec.get(key)]
+    if missing:
+        raise TuneError(f"tuning a CUDA target needs its GPU's {' and '.join(missing)}, and the "
+                        "device reports no GPU; name them in the target (e.g. "
+                        "max_threads_per_block: 1024, max_shared_memory_per_block: 49152)",
+                        stage="tune")
     return tvm.target.Target(spec)
 
 

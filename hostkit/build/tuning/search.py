@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hostkit.build.cuda import cuda_arch, kernels_from_source
-from hostkit.errors import TuneError
+from hostkit.errors import TuneError, device_part
 from hostkit.inventory import Device
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class TuneStats:
 
 
 def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = device_part([ln.strip() for ln in text.splitlines() if ln.strip()])
     errors = [ln for ln in lines if "Error" in ln or "Timeout" in ln]
     return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
 
