@@ -46,7 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port-file", type=Path, default=None, metavar="FILE",
                      help="write the bound port here once the daemon accepts connections")
 
+    srv.add_argument("--runtime-only", action="store_true",
+                     help="run on TVM's runtime alone, without its compiler (TVM_USE_RUNTIME_LIB)")
+
     sub.add_parser("info", help="print what this device reports to the host, as JSON")
+
+    strip = sub.add_parser("strip-compiler",
+                           help="make this TVM runtime-only: remove libtvm_compiler.so (~250 MB); "
+                                "print the environment's size before and after, as JSON")
+    strip.add_argument("--dry-run", action="store_true", help="measure only, remove nothing")
 
     trk = sub.add_parser("tracker", help="run a TVM RPC tracker that daemons register with")
     trk.add_argument("--listen", default=DEFAULT_BIND, metavar="ADDR")
@@ -81,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     # daemon; every RPC session is a fork of it, and a fork cannot use a CUDA context its parent
     # made (cudaErrorInitializationError). The device side never needs torch's DLPack bridge.
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    if getattr(args, "runtime_only", False):
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # read when TVM is first imported, below
+    if args.command == "strip-compiler":
+        from devicekit.runtime import strip_compiler
+
+        try:
+            json.dump(strip_compiler(args.dry_run), sys.stdout, indent=2)
+        except OSError as exc:
+            print(f"edgekit-device: cannot strip TVM's compiler: {exc}", file=sys.stderr)
+            return 1
+        print()
+        return 0
     if args.command == "info":
         from devicekit.info import device_info
 

@@ -105,9 +105,13 @@ def _os_name() -> str:
     return f"{platform.system()} {platform.release()}"
 
 
-def device_info() -> dict[str, Any]:
-    """Describe this machine: the host checks TVM's version and picks tuning settings from it."""
+def device_info(with_gpus: bool = True) -> dict[str, Any]:
+    """Describe this machine: the host checks TVM's version and picks tuning settings from it,
+    and completes a CUDA target that names no arch from the first GPU. `with_gpus` asks the GPUs,
+    which initialises CUDA in this process (a daemon's session, never the daemon itself)."""
     import tvm  # lazily: `edgekit-device --help` must not pay for TVM's import
+
+    from devicekit.runtime import gpus, runtime_only
 
     return {
         "hostname": socket.gethostname(),
@@ -120,6 +124,8 @@ def device_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "tvm_version": tvm.__version__,
+        "tvm_runtime_only": runtime_only(),
+        "gpus": gpus() if with_gpus else [],
         "edgekit_version": __version__,
     }
 

@@ -53,6 +53,16 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
         tar_util.untar(str(tar), tmp.temp_dir)
         cc.create_shared(str(output), [tmp.relpath(x) for x in tmp.listdir()])
 
+    @tvm_ffi.register_global_func("edgekit.use_device", override=True)
+    def _use_device(kind: str) -> None:
+        """Before the host loads a library built for `kind`: load TVM's runtime for it (a
+        runtime-only TVM loads none by itself), or say in one line why this device cannot."""
+        from devicekit.runtime import load_device_runtime
+
+        problem = load_device_runtime(kind)
+        if problem:
+            raise RuntimeError(f"edgekit: {problem}")
+
     @tvm_ffi.register_global_func("edgekit.device_info", override=True)
     def _info() -> str:
         return json.dumps(device_info())
@@ -183,7 +193,8 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(EXPOSED_WARNING.format(addr=f"{host}:{port}"))
-    store_dir = store_dir or default_store_dir()
+    # Absolute: every RPC session runs in a temporary folder of its own.
+    store_dir = (store_dir or default_store_dir()).resolve()
     if port == 0:
         # TVM's server cannot bind port 0 (it treats the port as unset); scan from a random base.
         port = random.randrange(20000, 60000)

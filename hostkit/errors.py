@@ -32,6 +32,7 @@ __all__ = [
     "TuneError",
     "ExportError",
     "first_line",
+    "device_part",
     "shown",
 ]
 
@@ -89,11 +90,25 @@ class ExportError(EdgekitError):
     """A bundle cannot be made: its output folder, the TVM runtime for the device, the runner."""
 
 
+# TVM's RPC client puts this line above the device's own error text.
+_RPC_WRAPPER = "Error caught from RPC call"
+
+
 def first_line(exc: BaseException) -> str:
-    """The line of a foreign exception's text that names the error, shortened for one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The line of a foreign exception's text that names the error, shortened for one line.
+
+    An RPC error is TVM's wrapper line followed by what the device raised; the line is taken from
+    the device's part, which names the cause (the wrapper alone says nothing).
+    """
+    lines = device_part([line.strip() for line in str(exc).splitlines() if line.strip()])
     errors = [line for line in lines if "Error" in line]
     return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def device_part(lines: list[str]) -> list[str]:
+    """The lines below TVM's last RPC wrapper line (what the device raised), else all of them."""
+    wrapper = [i for i, line in enumerate(lines) if _RPC_WRAPPER in line]
+    return lines[wrapper[-1] + 1:] if wrapper and wrapper[-1] + 1 < len(lines) else lines
 
 
 # Quoted values are cut to a few dozen characters: a message stays one short line, whatever the

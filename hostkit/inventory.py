@@ -36,12 +36,13 @@ from hostkit.errors import InventoryError, first_line, shown
 from hostkit.yamlfile import MAX_DEPTH, load_yaml_file
 
 __all__ = ["Device", "SshSettings", "Inventory", "load_inventory", "parse_inventory",
-           "TRANSPORTS", "MANAGED", "FORMATS"]
+           "TRANSPORTS", "MANAGED", "FORMATS", "CUDA_KERNELS"]
 
 TRANSPORTS = ("rpc", "tracker", "ssh")
 # Devices edgekit starts itself when nothing answers at their address.
 MANAGED = ("none", "local", "qemu-arm64")
 FORMATS = ("so", "tar")
+CUDA_KERNELS = ("cubin", "ptx")
 HOST_KEY_POLICIES = ("strict", "accept-new")
 
 # Longest wait edgekit accepts for a connection and for one RPC session, in seconds.
@@ -78,6 +79,7 @@ class Device:
     session_timeout: float = SESSION_TIMEOUT_S
     connect_timeout: float = CONNECT_TIMEOUT_S
     format: str = "so"
+    cuda_kernels: str = "cubin"  # a CUDA target's kernels: cubin for its arch, or ptx
     managed: str = "none"
     emulated: bool = False
     description: str = ""
@@ -188,6 +190,7 @@ _DEVICE_KEYS: dict[str, _Spec] = {
     "session_timeout": ((int, float), _seconds(MAX_SESSION_TIMEOUT_S)),
     "connect_timeout": ((int, float), _seconds(MAX_CONNECT_TIMEOUT_S)),
     "format": ((str,), FORMATS),
+    "cuda_kernels": ((str,), CUDA_KERNELS),
     "managed": ((str,), MANAGED),
     "emulated": ((bool,), None),
     "description": ((str,), None),

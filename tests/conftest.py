@@ -37,12 +37,12 @@ class Daemon:
     """A real `edgekit-device serve` process on loopback with its own artifact store."""
 
     def __init__(self, workdir: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, python: str = sys.executable) -> None:
         self.workdir = workdir
         self.store = workdir / "store"
         port_file = workdir / "port"
         self.log = open(workdir / "daemon.log", "wb")
-        cmd = [sys.executable, "-m", "devicekit", "serve", "--port", "0", "--port-file",
+        cmd = [python, "-m", "devicekit", "serve", "--port", "0", "--port-file",
                str(port_file), "--store", str(self.store), *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True,

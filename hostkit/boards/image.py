@@ -50,6 +50,9 @@ WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # pip also accepts the older manylinu
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 MIRROR_ENV = "EDGEKIT_DEBIAN_MIRROR"
 IMAGES_ENV = "EDGEKIT_BOARD_IMAGES"
+# EDGEKIT_BOARD_RUNTIME_ONLY=1: an image whose TVM has no compiler (a key of its own, so the
+# default image is not rebuilt). Opt-in until a runtime-only board has run the board tests.
+RUNTIME_ONLY_ENV = "EDGEKIT_BOARD_RUNTIME_ONLY"
 BOARD_VENV = "/opt/edgekit/venv"
 BOARD_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
@@ -161,7 +164,13 @@ def _inputs(baselines: tuple[str, ...] = ()) -> dict[str, object]:
         "requirements": _device_requirements()}
     if baselines:  # only then: the lean default image keeps its key
         inputs["baselines"] = [list(w.download_args()) for w in board_wheels(baselines)]
+    if _runtime_only():
+        inputs["runtime_only"] = True
     return inputs
+
+
+def _runtime_only() -> bool:
+    return os.environ.get(RUNTIME_ONLY_ENV) == "1"
 
 
 def image_key(baselines: tuple[str, ...] = ()) -> str:
@@ -319,6 +328,15 @@ def _build(work: Path, key: str, say: Progress, device: str | None,
         run_step(chroot_shell(rootfs, [f"{BOARD_VENV}/bin/python", "-c", f"import {engine}"]),
                  f"importing {engine} on the board", device, buildlog)
     shutil.rmtree(rootfs / "opt" / "edgekit-wheels")
+    stripped = None
+    if _runtime_only():
+        from devicekit.runtime import strip_compiler
+
+        venv = rootfs / BOARD_VENV.lstrip("/")
+        stripped = strip_compiler(package=venv / "lib" / f"python{BOARD_PYTHON}" /
+                                  "site-packages" / "tvm", prefix=venv)
+        say(f"board image {key}: TVM's runtime only, the venv {stripped['before_bytes'] / 1e6:.0f}"
+            f" MB -> {stripped['after_bytes'] / 1e6:.0f} MB")
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for item in (rootfs / cache).glob("*"):
             if item.is_file():
@@ -326,7 +344,7 @@ def _build(work: Path, key: str, say: Progress, device: str | None,
     seconds = time.monotonic() - started
     manifest = {**_inputs(baselines), "key": key, "tvm": version, "build_seconds": round(seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "wheels": wheel_names}
+                "wheels": wheel_names, "runtime_only": stripped}
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     say(f"board image {key}: ready in {seconds:.0f}s (TVM {version})")
 

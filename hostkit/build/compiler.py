@@ -7,6 +7,7 @@ deploy of the same model to the same target reuses the library without compiling
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,7 +128,7 @@ def _effectful_ops(program: Any) -> list[str]:
 
 
 def _cache_key(model: LoadedModel, target: ResolvedTarget, fmt: str, cc: str | None,
-               records: str | None) -> str:
+               records: str | None, kernels: str | None = None) -> str:
     import tvm
 
     payload = {
@@ -139,19 +140,32 @@ def _cache_key(model: LoadedModel, target: ResolvedTarget, fmt: str, cc: str | N
         "records": records,
         "pipeline": PIPELINE_VERSION,
     }
+    if kernels is not None:  # CUDA targets only, so CPU artifacts keep their keys
+        payload["kernels"] = kernels
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so",
                    cross_compiler: str | None = None, tuning: Any = None,
-                   device: str | None = None) -> Artifact:
+                   device: str | None = None, kernels: str = "cubin") -> Artifact:
     """The compiled library for (model, target): from the cache, or compiled and cached now.
 
     `tuning` is a `hostkit.build.tuning.records.TuningRecords` or None; when it has records for this
-    workload they are applied and the artifact is marked tuned.
+    workload they are applied and the artifact is marked tuned. A CUDA target's kernels are
+    compiled here for its `arch`, as `kernels` says (cubin, or PTX for newer GPUs to compile).
     """
+    from hostkit.build import cuda
+
     records_id = tuning.fingerprint() if tuning is not None and tuning.exists() else None
-    key = _cache_key(model, target, fmt, cross_compiler, records_id)
+    is_cuda = target.kind == "cuda"
+    pack = None
+    if is_cuda:
+        try:
+            pack = cuda.pack_imports_compiled(cuda.cuda_arch(target.target), kernels)
+        except CompileError as exc:
+            exc.device = device
+            raise
+    key = _cache_key(model, target, fmt, cross_compiler, records_id, kernels if is_cuda else None)
     folder = cache_dir() / "artifacts" / key
     lib = folder / f"model.{fmt}"
     meta_path = folder / "meta.json"
@@ -166,13 +180,14 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     mod, int8 = import_with_report(model)
     tuned, coverage = False, None
     try:
-        if records_id is not None:
-            executable, coverage = tuning.compile(mod, target.target)
-            tuned = coverage.tuned > 0
-        else:
-            import tvm
+        with cuda.kernels_from_source() if is_cuda else contextlib.nullcontext():
+            if records_id is not None:
+                executable, coverage = tuning.compile(mod, target.target)
+                tuned = coverage.tuned > 0
+            else:
+                import tvm
 
-            executable = tvm.compile(mod, target.target)
+                executable = tvm.compile(mod, target.target)
     except EdgekitError:  # already one line for the user (e.g. records from another TVM)
         raise
     except Exception as exc:
@@ -182,7 +197,7 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=folder.parent))
     try:
-        _export(executable, staging / lib.name, fmt, cross_compiler, device)
+        _export(executable, staging / lib.name, fmt, cross_compiler, device, pack)
         sha = file_sha256(staging / lib.name)
         compile_s = time.perf_counter() - start
         meta = {"sha256": sha, "model": model.name, "target": target.to_json(), "format": fmt,
@@ -205,16 +220,22 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
 
 
 def _export(executable: Any, path: Path, fmt: str, cross_compiler: str | None,
-            device: str | None) -> None:
+            device: str | None, pack: Any = None) -> None:
+    """Write the library; `pack` packs its imported modules (a CUDA target's compiled kernels)."""
+    extra = {"fpack_imports": pack} if pack is not None else {}
     try:
         if fmt == "tar":
-            executable.export_library(str(path))
+            executable.export_library(str(path), **extra)
         elif cross_compiler:
             from tvm.support import cc
 
-            executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler))
+            executable.export_library(str(path), fcompile=cc.cross_compiler(cross_compiler),
+                                      **extra)
         else:
-            executable.export_library(str(path))
+            executable.export_library(str(path), **extra)
+    except EdgekitError as exc:  # the kernels did not compile: already one line
+        exc.device = exc.device or device
+        raise
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise CompileError(f"linking the library failed: {' | '.join(lines[-3:])[:400]}",

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "check_inventory_targets",
-           "CROSS_TOOLCHAINS", "arch_of_triple"]
+           "CROSS_TOOLCHAINS", "arch_of_triple", "complete_from_device"]
 
 log = logging.getLogger("edgekit")
 # Verdicts kept in the cache: enough for every target a fleet has, bounded whatever is tried.
@@ -107,6 +107,23 @@ def resolve_target(device: Device) -> ResolvedTarget:
     if triple and "conda" in triple:
         triple = None  # the host's own LLVM default triple, e.g. x86_64-conda-linux-gnu
     return ResolvedTarget(target=target, triple=triple, kind=str(target.kind.name))
+
+
+def complete_from_device(device: Device, resolved: ResolvedTarget,
+                         info: dict[str, Any]) -> ResolvedTarget:
+    """A CUDA target whose inventory entry names no `arch`, completed with the compute capability
+    of the device's first GPU (TVM would otherwise guess sm_50 from this machine); any other
+    target as it is."""
+    spec = device.target
+    if resolved.kind != "cuda" or isinstance(spec, str) or spec.get("arch"):
+        return resolved
+    gpus = [g for g in info.get("gpus") or [] if isinstance(g, dict) and g.get("arch")]
+    if not gpus:
+        raise TargetError("the target names no CUDA arch and the device reports no GPU; name one "
+                          "in the inventory, e.g. {kind: cuda, arch: sm_87}", device=device.name,
+                          stage="target")
+    completed = device.with_overrides(target={**dict(spec), "arch": str(gpus[0]["arch"])})
+    return resolve_target(completed)
 
 
 def _spec(device: Device) -> Any:

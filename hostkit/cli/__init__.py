@@ -360,7 +360,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     with console.status(f"installing devicekit on {device.name}") as status:
         summary = install_device(device,
                                  lambda what: status.update(escape(f"{device.name}: {what}")),
-                                 baselines=args.baselines)
+                                 baselines=args.baselines,
+                                 runtime_only=args.runtime_only)
     if args.json:
         print(to_json_plain(dataclasses.asdict(summary)))
     else:

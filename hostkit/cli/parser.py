@@ -192,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
                      default=(), metavar="ENGINES",
                      help="also install baseline engines (default both: torch, onnxruntime), "
                           "from wheels fetched here for the board's platform")
+    dev.add_argument("--runtime-only", action="store_true",
+                     help="install TVM's runtime only: remove its compiler (~250 MB) from the "
+                          "board, which needs none (kernels are compiled on the host)")
 
     cmp = sub.add_parser("compare", parents=[common],
                          help="regression gate: compare two `bench --json` result files")

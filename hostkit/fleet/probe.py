@@ -86,5 +86,14 @@ def _probe_rpc(row: dict[str, Any], device: Device, host: str, port: int) -> dic
     row["status"], row["info"] = "reachable", info
     row["reports"] = (f"{info.get('arch')} · {info.get('cores')} cores · "
                       f"{info.get('memory_bytes', 0) / 2**30:.1f} GiB · {info.get('os')} · "
-                      f"TVM {info.get('tvm_version')}")
+                      f"TVM {info.get('tvm_version')}"
+                      f"{' (runtime only)' if info.get('tvm_runtime_only') else ''}"
+                      f"{_gpus(info)}")
     return row
+
+
+def _gpus(info: dict[str, Any]) -> str:
+    """The GPUs a daemon reports, as ' · NAME (sm_XX, N GiB)' each; nothing for none."""
+    return "".join(f" · {g.get('name')} ({g.get('arch')}, "
+                   f"{int(g.get('memory_bytes') or 0) / 2**30:.0f} GiB)"
+                   for g in info.get("gpus") or [] if isinstance(g, dict))

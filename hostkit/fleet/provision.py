@@ -11,6 +11,7 @@ way, so the board can run the model in PyTorch and ONNX Runtime beside TVM.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from hostkit.defaults import cache_dir
 from hostkit.engines import WheelSet, board_wheels
@@ -57,14 +58,22 @@ class InstallResult:
     installed: bool  # False when the board already had this exact install
     seconds: float
     baselines: tuple[str, ...] = ()  # baseline engines installed beside TVM
+    runtime_only: bool = False
+    # The venv's size on the board with TVM's compiler and without it (runtime-only installs).
+    venv_bytes_full: int | None = None
+    venv_bytes: int | None = None
 
     def __str__(self) -> str:
         sent = (f"{len(self.sent)} wheels sent ({self.bytes_sent / 1e6:.1f} MB)"
                 if self.sent else "nothing new to send")
         state = "installed" if self.installed else "already up to date"
         engines = f", baselines {', '.join(self.baselines)}" if self.baselines else ""
+        size = ""
+        if self.venv_bytes is not None and self.venv_bytes_full is not None:
+            size = (f", runtime only: {self.venv_bytes_full / 1e6:.0f} MB -> "
+                    f"{self.venv_bytes / 1e6:.0f} MB on the board")
         return (f"{self.python} (Python {self.python_version}, {self.arch}, TVM "
-                f"{self.tvm_version}{engines}): {state}, {sent}, {self.seconds:.0f}s")
+                f"{self.tvm_version}{engines}): {state}, {sent}, {self.seconds:.0f}s{size}")
 
 
 def requirements() -> list[str]:
@@ -96,9 +105,14 @@ def board_platform(device: Device, remote: RemotePython) -> str:
 
 
 def install_device(device: Device, progress: Step | None = None,
-                   baselines: tuple[str, ...] = ()) -> InstallResult:
+                   baselines: tuple[str, ...] = (), runtime_only: bool = False) -> InstallResult:
     """Install devicekit and the host's TVM (and `baselines`' engines) into `<work_dir>/venv` on
-    an ssh device."""
+    an ssh device.
+
+    `runtime_only` then removes TVM's compiler from the board (`edgekit-device strip-compiler`):
+    the daemon needs only the runtime, since every kernel is compiled on the host. Installing
+    again without it puts the compiler back.
+    """
     if device.transport != "ssh":
         raise ConnectError(f"`edgekit device install` works over SSH; {device.name} uses "
                            f"transport '{device.transport}'", device=device.name, stage="install",
@@ -132,15 +146,48 @@ def install_device(device: Device, progress: Step | None = None,
         host_tvm = host_tvm_version()
         fresh = (not sent and current.devicekit is not None and current.tvm == host_tvm
                  and _has_engines(conn, venv_python, baselines))
-        if not fresh:
+        stripped = (current.devicekit is not None and current.tvm == host_tvm
+                    and _lacks_compiler(conn, venv_python))
+        if not fresh or (stripped and not runtime_only):
             _install(conn, device, base.path, venv_python, [w.name for w in wheels], remote_dir,
-                     note, extras)
+                     note, extras, reinstall_tvm=stripped)
             current = probe_python(conn, venv_python)
+            fresh = False
         check_devicekit(device, current, host_tvm)
+        sizes: dict[str, int] = {}
+        if runtime_only:
+            note("removing TVM's compiler from the board (runtime only)")
+            report = _strip(conn, venv_python)
+            sizes = {"venv_bytes_full": int(report["full_bytes"]),
+                     "venv_bytes": int(report["after_bytes"])}
+            fresh = fresh and not report["compiler"]
     return InstallResult(device=device.name, python=venv_python, python_version=base.python,
                          arch=base.arch, platform=platform, tvm_version=host_tvm,
                          sent=sent, bytes_sent=sent_bytes, installed=not fresh,
-                         seconds=time.perf_counter() - start, baselines=baselines)
+                         seconds=time.perf_counter() - start, baselines=baselines,
+                         runtime_only=runtime_only, **sizes)
+
+
+def _lacks_compiler(conn: SshConnection, venv_python: str) -> bool:
+    """Whether the board's TVM was made runtime-only (False when its devicekit cannot tell)."""
+    probe = conn.run(f"{shlex.quote(venv_python)} -m devicekit strip-compiler --dry-run",
+                     timeout=600)
+    try:
+        return probe.code == 0 and not json.loads(probe.stdout)["compiler"]
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _strip(conn: SshConnection, venv_python: str) -> dict[str, Any]:
+    """`edgekit-device strip-compiler` on the board: what it removed, the venv's size."""
+    out = conn.check(f"{shlex.quote(venv_python)} -m devicekit strip-compiler",
+                     stage="install", timeout=600).stdout
+    try:
+        report: dict[str, Any] = json.loads(out)
+    except ValueError as exc:
+        raise RemoteError(f"strip-compiler on the board answered {out[:80]!r}, not JSON",
+                          device=conn.device.name, stage="install") from exc
+    return report
 
 
 def _fetch_wheels(device: Device, platform: str, py_version: str, stage: Path,
@@ -265,7 +312,7 @@ def _same_on_board(conn: SshConnection, python: str, wheel: Path, remote_dir: st
 
 def _install(conn: SshConnection, device: Device, base_python: str, venv_python: str,
              wheel_names: list[str], remote_dir: str, note: Step,
-             extras: Sequence[WheelSet] = ()) -> None:
+             extras: Sequence[WheelSet] = (), reinstall_tvm: bool = False) -> None:
     venv = venv_python.rsplit("/bin/", 1)[0]
     if not conn.exists(venv_python):
         note("creating the venv")
@@ -284,6 +331,9 @@ def _install(conn: SshConnection, device: Device, base_python: str, venv_python:
     note("installing TVM and its dependencies on the board (offline)")
     reqs = " ".join(shlex.quote(r) for r in requirements())
     conn.check(f"{pip} {reqs}", stage="install", timeout=INSTALL_TIMEOUT_S)
+    if reinstall_tvm:  # a runtime-only board asked for the full TVM again
+        conn.check(f"{pip} --force-reinstall --no-deps {shlex.quote(requirements()[0])}",
+                   stage="install", timeout=INSTALL_TIMEOUT_S)
     for extra in extras:
         note(f"installing {', '.join(extra.requirements)} on the board (offline)")
         args = " ".join(shlex.quote(a) for a in extra.install_args())

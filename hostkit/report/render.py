@@ -76,8 +76,10 @@ def deploy_summary(console: Console, result: RunResult) -> None:
     if result.error:
         rows.append(("error", f"[red]{escape(result.error)}[/red] (stage: {result.stage})"))
     if info:
+        gpus = "".join(f" · {g.get('name')} ({g.get('arch')})" for g in info.get("gpus") or []
+                       if isinstance(g, dict))
         rows.append(("device", escape(f"{info.get('arch')} · {info.get('cores')} cores · "
-                                      f"{info.get('cpu')} · {info.get('os')}")))
+                                      f"{info.get('cpu')} · {info.get('os')}{gpus}")))
     rows += [
         ("target", escape(result.target or "-")),
         ("artifact", f"{result.artifact_sha256[:16]}… ({(result.artifact_bytes or 0) / 1e6:.1f} MB"

@@ -83,7 +83,7 @@ def run_fleet(devices: Sequence[Device], specs: Sequence[ModelSpec], options: Ru
 
 def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOptions,
                   models: _ModelCache | None = None, step: Step | None = None) -> list[RunResult]:
-    from hostkit.build.targets import check_cross_compiler, resolve_target
+    from hostkit.build.targets import check_cross_compiler, complete_from_device, resolve_target
     from hostkit.run.remote import DeviceSession, check_versions
     from hostkit.transport import make_transport
 
@@ -103,7 +103,9 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
             session = DeviceSession(transport, transport.session())
             info = session.info()
             check_versions(device.name, info)
+            resolved = complete_from_device(device, resolved, info)
             for spec, result in zip(specs, results):
+                result.target = resolved.describe()
                 result.device_info = info
                 _run_one(session, device, spec, result, options, models, resolved, cross_cc, note)
             session.close()
@@ -184,7 +186,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "compiling (cached when unchanged)")
         with models.compile_lock:
             artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
-                                      tuning=tuning, device=device.name)
+                                      tuning=tuning, device=device.name,
+                                      kernels=device.cuda_kernels)
         result.artifact_sha256, result.artifact_bytes = artifact.sha256, artifact.size
         result.artifact_path = str(artifact.path)
         result.cached, result.compile_s = artifact.cached, artifact.compile_s

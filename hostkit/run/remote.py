@@ -88,6 +88,8 @@ class DeviceSession:
         from tvm import relax
 
         try:
+            if device_type_for(target_kind) != 1:
+                self._use_device(target_kind)
             lib_path = self.sess.get_function("edgekit.artifact_path")(sha256)
             module = self.sess.load_module(lib_path)
             dev = self.sess.device(device_type_for(target_kind), 0)
@@ -96,6 +98,15 @@ class DeviceSession:
             raise RemoteError(f"loading the model on the device failed: {_device_error(exc)}",
                               device=self.name, stage="load") from exc
         return LoadedRemote(vm=vm, dev=dev, device=self.name)
+
+    def _use_device(self, kind: str) -> None:
+        """Have the daemon load TVM's runtime for an accelerator (a daemon older than this
+        function loaded what its TVM loads by itself)."""
+        try:
+            use = self.sess.get_function("edgekit.use_device")
+        except Exception:
+            return
+        use(kind)
 
     def close(self) -> None:
         """End the RPC session now: TVM's daemon serves one session at a time.

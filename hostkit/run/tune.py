@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from hostkit.build.compiler import import_relax
-from hostkit.build.targets import check_cross_compiler, resolve_target
+from hostkit.build.targets import check_cross_compiler, complete_from_device, resolve_target
 from hostkit.build.tuning.records import device_target, prepare_module, records_for
 from hostkit.build.tuning.search import (
     TuneStats,
@@ -40,15 +40,21 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
     resolved = resolve_target(device)
     cross_cc = check_cross_compiler(device, resolved)
     model = load_model(spec)
-    records = records_for(model, resolved)
-    before = records.count()
     with make_transport(device) as transport:
         session = DeviceSession(transport, transport.session())
         info = session.info()
         check_versions(device.name, info)
         session.close()
-        target = records.tuned_target(device_target(resolved, info)) if records.exists() \
-            else device_target(resolved, info)
+        resolved = complete_from_device(device, resolved, info)
+        records = records_for(model, resolved)
+        before = records.count()
+        try:
+            target = device_target(resolved, info)
+        except TuneError as exc:
+            exc.device = device.name
+            raise
+        if records.exists():
+            target = records.tuned_target(target)
         prepared = prepare_module(import_relax(model), target)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before
@@ -57,7 +63,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
                               weights=[float(t.weight) for t in tasks])
         else:
             records.save_target(target)
-            runner = make_runner(device, transport, info)
+            runner = make_runner(device, transport, info, resolved.kind)
             stats = run_tuner(tasks, target, str(records.work_dir), remaining, trials_per_task,
                                time_budget_min, cross_cc, runner, console, device.name,
                                int(info.get("cores") or os.cpu_count() or 1))

@@ -319,6 +319,40 @@ def test_install_baselines_then_onnxruntime_runs_on_the_board(
     print(f"install with onnxruntime: {install_s:.1f}s")
 
 
+@needs_bare_python
+@pytest.mark.slow
+def test_install_runtime_only_leaves_tvm_without_its_compiler(
+        tmp_path: Path, sshd: Sshd, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgekit device install --runtime-only`: the board's TVM loses its compiler, the daemon
+    there runs runtime-only and still deploys; the size before and after is reported."""
+    from hostkit.cli import main
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(USER_CACHE))
+    inventory = write_inventory(tmp_path / "inventory.yaml", sshd, python=DEBIAN_PYTHON)
+    assert main(["device", "install", "--device", "sshbox", "--runtime-only", "--json",
+                 "--inventory", str(inventory)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runtime_only"] and result["venv_bytes"] < result["venv_bytes_full"] - 100e6
+    with capsys.disabled():
+        print(f"runtime-only install on the board: {result['venv_bytes_full'] / 1e6:.0f} MB -> "
+              f"{result['venv_bytes'] / 1e6:.0f} MB")
+    device = load_inventory(inventory).get("sshbox")
+    with make_transport(device) as transport:
+        assert _info(transport)["tvm_runtime_only"] is True
+    code = main(["deploy", "--device", "sshbox", "tinycnn", "--inventory", str(inventory),
+                 "--json", "--repeat", "2"])
+    deployed = json.loads(capsys.readouterr().out)
+    assert code == 0 and deployed["status"] == "ok" and deployed["max_abs_diff"] < 1e-4
+    # Installing again without the flag puts the compiler back.
+    assert main(["device", "install", "--device", "sshbox", "--json",
+                 "--inventory", str(inventory)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["installed"] and not again["runtime_only"]
+    with make_transport(device) as transport:
+        assert _info(transport)["tvm_runtime_only"] is False
+
+
 @pytest.mark.slow
 def test_deploy_resnet18_over_ssh(tmp_path: Path, sshd: Sshd,
                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -254,7 +254,7 @@ def _plain(value: Any) -> Any:
 def _host_cpu_model() -> str:
     from devicekit.info import device_info  # the same reading the daemon reports
 
-    return str(device_info()["cpu"])
+    return str(device_info(with_gpus=False)["cpu"])
 
 
 def llvm_cpu_for(info: dict[str, Any]) -> str | None:
@@ -281,6 +281,8 @@ def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target
     import tvm
 
     spec = _target_dict(resolved.target)
+    if spec.get("kind") == "cuda":
+        return _cuda_target(spec, info)
     if spec.get("kind") != "llvm":
         return resolved.target
     if not spec.get("num-cores") and int(info.get("cores") or 0) > 0:
@@ -289,6 +291,28 @@ def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target
         mcpu = llvm_cpu_for(info)
         if mcpu:
             spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
+
+
+def _cuda_target(spec: dict[str, Any], info: dict[str, Any]) -> "tvm.target.Target":
+    """A CUDA target with the limits MetaSchedule's GPU rules schedule by (threads and shared
+    memory per block, warp size), from the device's first GPU where the target names none."""
+    import tvm
+
+    gpus = [g for g in info.get("gpus") or [] if isinstance(g, dict)]
+    if gpus:
+        for key, reported in (("max_threads_per_block", "max_threads_per_block"),
+                              ("max_shared_memory_per_block", "max_shared_memory_per_block"),
+                              ("thread_warp_size", "warp_size")):
+            if not spec.get(key) and int(gpus[0].get(reported) or 0) > 0:
+                spec[key] = int(gpus[0][reported])
+    missing = [key for key in ("max_threads_per_block", "max_shared_memory_per_block")
+               if not spec.get(key)]
+    if missing:
+        raise TuneError(f"tuning a CUDA target needs its GPU's {' and '.join(missing)}, and the "
+                        "device reports no GPU; name them in the target (e.g. "
+                        "max_threads_per_block: 1024, max_shared_memory_per_block: 49152)",
+                        stage="tune")
     return tvm.target.Target(spec)
 
 

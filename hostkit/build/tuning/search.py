@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from hostkit.errors import TuneError
+from hostkit.build.cuda import cuda_arch, kernels_from_source
+from hostkit.errors import TuneError, device_part
 from hostkit.inventory import Device
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class TuneStats:
 
 
 def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = device_part([ln.strip() for ln in text.splitlines() if ln.strip()])
     errors = [ln for ln in lines if "Error" in ln or "Timeout" in ln]
     return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
 
@@ -196,7 +197,8 @@ def _rpc_address(transport: Any) -> tuple[str, int] | None:
     return None
 
 
-def make_runner(device: Device, transport: Any, info: dict[str, Any]) -> Any:
+def make_runner(device: Device, transport: Any, info: dict[str, Any],
+                kind: str = "llvm") -> Any:
     from tvm.s_tir import meta_schedule as ms
 
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS,
@@ -212,21 +214,25 @@ def make_runner(device: Device, transport: Any, info: dict[str, Any]) -> Any:
         config = ms.runner.RPCConfig(tracker_host=address[0], tracker_port=address[1],
                                      tracker_key="edgekit-direct",
                                      session_timeout_sec=int(RUN_TIMEOUT_S))
-        create = connect_direct
+        create = functools.partial(connect_direct, kind)
     inner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
                                 f_create_session=create, max_workers=1)
     return _serial_runner()(inner)
 
 
-def connect_direct(rpc_config: Any) -> Any:
+def connect_direct(kind: str, rpc_config: Any) -> Any:
     """MetaSchedule's session factory for a daemon at a known address (it only knows trackers).
 
     Runs in the runner's worker process; `tracker_host`/`tracker_port` carry the daemon's address.
+    For an accelerator the daemon first loads TVM's runtime for it (a runtime-only TVM does not).
     """
     from tvm import rpc
 
-    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
+    sess = rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
                        session_timeout=rpc_config.session_timeout_sec)
+    if kind == "cuda":
+        sess.get_function("edgekit.use_device")(kind)
+    return sess
 
 
 @functools.lru_cache(maxsize=1)
@@ -263,19 +269,25 @@ def build_candidate(mod: "tvm.IRModule", target: "tvm.target.Target", _params: A
     return tvm_build(mod, target=target)
 
 
-def export_candidate(export_dir: str, cross_compiler: str | None, mod: Any) -> str:
+def export_candidate(export_dir: str, cross_compiler: str | None, cuda_arch: str | None,
+                     mod: Any) -> str:
     """A shared library the device loads as is (so a board needs no compiler to be tuned).
 
     Each candidate gets its own folder: MetaSchedule deletes an artifact's whole folder once
-    the artifact has been measured.
+    the artifact has been measured. A CUDA candidate carries a cubin for `cuda_arch`.
     """
     path = os.path.join(tempfile.mkdtemp(dir=export_dir), "candidate.so")
+    extra: dict[str, Any] = {}
+    if cuda_arch:
+        from hostkit.build.cuda import pack_imports_compiled
+
+        extra["fpack_imports"] = pack_imports_compiled(cuda_arch, "cubin")
     if cross_compiler:
         from tvm.support import cc
 
-        mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+        mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler), **extra)
     else:
-        mod.export_library(path)
+        mod.export_library(path, **extra)
     return path
 
 
@@ -347,12 +359,14 @@ def _tune(tasks: list[Any], target: "tvm.target.Target", work_dir: str, trials: 
         extracted_tasks=tasks, work_dir=work_dir, num_threads=cores,
         strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION,
                                                        genetic_num_iters=GENERATIONS))
+    arch = cuda_arch(target) if target.kind.name == "cuda" else None
     builder = ms.builder.LocalBuilder(
         max_workers=cores, timeout_sec=BUILD_TIMEOUT_S, f_build=build_candidate,
-        f_export=functools.partial(export_candidate, export_dir, cross_cc))
+        f_export=functools.partial(export_candidate, export_dir, cross_cc, arch))
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                  _progress_callback(stats, budget_s, display.update)]
-    with display:
+    # The builder's workers inherit the variable that keeps kernels as source until exported.
+    with display, kernels_from_source() if arch else contextlib.nullcontext():
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=work_dir,
             max_trials_global=trials, max_trials_per_task=per_task,
