@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from rich.markup import escape
 
 from hostkit.cli.parser import parser
+from hostkit.cli.records import cmd_records
 from hostkit.cli.terminal import debug_log, debug_log_path, one_line, terminal, terminal_hygiene
 from hostkit.defaults import INVENTORY_FILE
 from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line, shown
@@ -308,6 +309,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
             f"{summary['tune_s']:.0f}s"
             + (f"; sum of the best kernels {estimate:.2f} ms" if estimate is not None else "")
+            + (f"; {summary['borrowed_tasks']} tasks taken from "
+               + escape(", ".join(summary["borrowed_from"])) if summary["borrowed_tasks"] else "")
+            + (f"; measured on {summary['boards']} boards" if summary["boards"] > 1 else "")
             + escape(f"; records in {summary['records_dir']}. "
                      f"`edgekit deploy --device {device.name} {args.model}` applies them."))
         console.print("slowest kernels (best measured, per inference):")
@@ -402,7 +406,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "deploy": cmd_deploy, "bench": cmd_bench, "export": cmd_export, "devices": cmd_devices,
     "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
-    "compare": cmd_compare, "profile": cmd_profile,
+    "compare": cmd_compare, "profile": cmd_profile, "records": cmd_records,
 }
 
 

@@ -196,7 +196,12 @@ def _rpc_address(transport: Any) -> tuple[str, int] | None:
     return None
 
 
-def make_runner(device: Device, transport: Any, info: dict[str, Any]) -> Any:
+def make_runner(device: Device, transport: Any, boards: int = 1) -> Any:
+    """MetaSchedule's RPC runner for the device; with a tracker, one worker per board.
+
+    Each worker asks the tracker for a free daemon under the device's key for every candidate,
+    so `boards` identical boards measure a batch's candidates `boards` at a time.
+    """
     from tvm.s_tir import meta_schedule as ms
 
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS,
@@ -214,7 +219,8 @@ def make_runner(device: Device, transport: Any, info: dict[str, Any]) -> Any:
                                      session_timeout_sec=int(RUN_TIMEOUT_S))
         create = connect_direct
     inner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                                f_create_session=create, max_workers=1)
+                                f_create_session=create,
+                                max_workers=max(1, boards) if create is None else 1)
     return _serial_runner()(inner)
 
 
