@@ -56,7 +56,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         prepared = prepare_module(import_relax(model), target)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before
-        borrowed, boards = Borrowed(), 1
+        borrowed, boards, measure_s = Borrowed(), 1, 0.0
         if remaining <= 0:
             stats = TuneStats(names=[t.task_name for t in tasks],
                               weights=[float(t.weight) for t in tasks])
@@ -74,6 +74,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
             stats = run_tuner(tasks, target, str(records.work_dir), remaining, trials_per_task,
                                time_budget_min, cross_cc, runner, console, device.name,
                                int(info.get("cores") or os.cpu_count() or 1))
+            measure_s = float(runner.measure_s)
     valid_total = records.count()
     if valid_total == 0 or (remaining > 0 and stats.valid == 0):
         reason = f": {stats.first_error}" if remaining > 0 and stats.first_error else ""
@@ -97,7 +98,8 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         "build_errors": stats.build_errors, "run_errors": stats.run_errors,
         "records_before": before, "records": valid_total,
         "estimated_ms": round(estimate, 3) if estimate is not None else None,
-        "tune_s": round(stats.elapsed(), 1), "records_dir": str(records.work_dir),
+        "tune_s": round(stats.elapsed(), 1), "measure_s": round(measure_s, 1),
+        "records_dir": str(records.work_dir),
         "kernels": kernels, "boards": boards, "borrowed_tasks": borrowed.tasks,
         "borrowed_records": borrowed.records, "borrowed_from": borrowed.sources,
     }

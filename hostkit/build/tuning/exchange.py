@@ -66,16 +66,23 @@ def export_records(records: TuningRecords, model_name: str, identity: str,
         "inventory_target": resolved.to_json(), "target_key": target_key(resolved),
         "target": json.loads(files[TARGET_FILE]), "meta": meta, "files": files,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    if output.is_dir():
+        raise TuneError(f"{output} is a folder; name the records file to write", device=device,
+                        stage="records")
+    tmp = None
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(document, handle)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the file from the fleet's other users
         os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise TuneError(f"cannot write {output}: {exc.strerror or exc}", device=device,
+                        stage="records") from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return _summary(document, records.count(), output)
 
 
