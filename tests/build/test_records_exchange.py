@@ -159,7 +159,7 @@ def _tiny_sibling(path: Path) -> Path:
 def _shared_best(work_dir: Path, other: Path) -> list[tuple[bool, float, float]]:
     """Per kernel both records have (`other` with a valid time): (is it a convolution, best time
     here, best time in other)."""
-    import tvm
+    import tvm_ffi
 
     from hostkit.build.tuning.records import open_database
 
@@ -174,7 +174,7 @@ def _shared_best(work_dir: Path, other: Path) -> list[tuple[bool, float, float]]
             continue
         here = sum(float(s) for s in record.run_secs) / len(record.run_secs)
         there = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
-        key = tvm.ir.structural_hash(mod)
+        key = tvm_ffi.structural_hash(mod)
         row = best.setdefault(key, ["conv2d" in mod.script(), here, there])
         row[1] = min(row[1], here)
     return [tuple(row) for row in best.values()]  # type: ignore[misc]
