@@ -116,7 +116,7 @@ def tune_with(boards: int, addresses: list[str], args: argparse.Namespace,
                                  "--store", str(work / f"store-{i}")],
                                 work / f"board-{boards}-{i}.log"))
         _wait_registered(boards)
-        os.environ["EDGEKIT_CACHE"] = str(work / f"cache-{boards}")  # a tune from nothing
+        os.environ["EDGEKIT_CACHE"] = tempfile.mkdtemp(prefix="cache-", dir=work)  # from nothing
         device = parse_inventory({"devices": {"rack": {
             "target": {"kind": "llvm"}, "transport": "tracker",
             "tracker": f"{BRIDGE_IP}:{TRACKER_PORT}", "key": KEY}}}).get("rack")
@@ -140,6 +140,8 @@ def main() -> int:
     if os.geteuid() != 0 or not shutil.which("ip"):
         print("bench_fleet_tune: network namespaces need root and iproute2", file=sys.stderr)
         return 1
+    # SIGTERM ends the run through the cleanup below, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     most = max(args.boards)
     work = Path(tempfile.mkdtemp(prefix="ek17-fleet-"))
     rows = []
