@@ -23,7 +23,6 @@ from typing import Any, Callable, Sequence
 from rich.markup import escape
 
 from hostkit.cli.parser import parser
-from hostkit.cli.records import cmd_records
 from hostkit.cli.terminal import debug_log, debug_log_path, one_line, terminal, terminal_hygiene
 from hostkit.defaults import INVENTORY_FILE
 from hostkit.errors import EdgekitError, InventoryError, ModelError, first_line, shown
@@ -324,6 +323,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
                           + (f", {row['gflops']:.0f} GFLOP/s" if row["gflops"] else "")
                           + (f", {share:.0%} of the total" if share else ""))
     return 0
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    from hostkit.cli.records import records_command
+
+    device = _inventory(args).get(args.device) if args.action != "list" and args.device else None
+    spec = None
+    if args.action == "export":
+        _check_models([args.model], args.weights)
+        (spec,) = _specs(args, [args.model])
+    return records_command(args, _console(args), device, spec)
 
 
 def cmd_board(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`edgekit records list|export|import`: tuning records as things a user can see and move.
 
-The helpers it shares with the other commands (inventory, model specs, consoles) live in the
-package's `__init__`, imported when a command runs: that module imports this one to register it.
+The package's `__init__` reads the inventory, the model spec and the console the way every other
+command does, and hands them here; this module imports nothing of the CLI's own.
 """
 
 from __future__ import annotations
@@ -11,24 +11,31 @@ from typing import Any
 
 from rich.markup import escape
 
+from hostkit.inventory import Device
+from hostkit.models import ModelSpec
 from hostkit.report.render import to_json
 
-__all__ = ["cmd_records"]
+__all__ = ["records_command"]
 
 
-def cmd_records(args: argparse.Namespace) -> int:
-    return {"list": _list, "export": _export, "import": _import}[args.action](args)
+def records_command(args: argparse.Namespace, console: Any, device: Device | None,
+                    spec: ModelSpec | None) -> int:
+    """`device` is the one `--device` names (if any); `spec` the model `export` names."""
+    if args.action == "export":
+        assert device is not None and spec is not None  # the parser requires both
+        return _export(args, console, device, spec)
+    if args.action == "import":
+        return _import(args, console, device)
+    return _list(args, console)
 
 
-def _list(args: argparse.Namespace) -> int:
+def _list(args: argparse.Namespace, console: Any) -> int:
     from hostkit.build.tuning.exchange import list_records
-    from hostkit.cli import _console
 
     rows = list_records()
     if args.json:
         print(to_json(rows))
         return 0
-    console = _console(args)
     if not rows:
         console.print("no tuning records yet; `edgekit tune --device D MODEL` makes them")
         return 0
@@ -50,16 +57,12 @@ def _figure(value: Any, spec: str) -> str:
     return "-" if value is None else format(float(value), spec)
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, console: Any, device: Device, spec: ModelSpec) -> int:
     from hostkit.build.targets import resolve_target
     from hostkit.build.tuning.exchange import export_records
     from hostkit.build.tuning.records import records_for
-    from hostkit.cli import _check_models, _console, _inventory, _specs
     from hostkit.models import load_model
 
-    device = _inventory(args).get(args.device)
-    _check_models([args.model], args.weights)
-    (spec,) = _specs(args, [args.model])
     resolved = resolve_target(device)
     model = load_model(spec)
     summary = export_records(records_for(model, resolved), model.name, model.identity, resolved,
@@ -67,27 +70,25 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(summary))
     else:
-        _console(args).print(escape(
+        console.print(escape(
             f"exported {summary['records']} records of {summary['model']} "
             f"({summary['target']}) to {summary['path']}; `edgekit records import "
             f"{summary['path']}` adds them on another host"))
     return 0
 
 
-def _import(args: argparse.Namespace) -> int:
+def _import(args: argparse.Namespace, console: Any, device: Device | None) -> int:
     from hostkit.build.targets import resolve_target
     from hostkit.build.tuning.exchange import import_records
-    from hostkit.cli import _console, _inventory
 
     resolved, name = None, None
-    if args.device:
-        device = _inventory(args).get(args.device)
+    if device is not None:
         resolved, name = resolve_target(device), device.name
     summary = import_records(args.file, resolved, name)
     if args.json:
         print(to_json(summary))
     else:
-        _console(args).print(escape(
+        console.print(escape(
             f"imported records of {summary['model']} ({summary['target']}): "
             f"{summary['records']} records in {summary['path']}; deploy applies them"))
     return 0
