@@ -127,6 +127,10 @@ def tune_with(boards: int, addresses: list[str], args: argparse.Namespace,
     finally:
         for proc in reversed(procs):
             _stop(proc)
+    # TVM's server logs a line as each session starts: one reads the device's report, each of
+    # the others measured a candidate.
+    summary["sessions"] = [(work / f"board-{boards}-{i}.log").read_text(errors="replace")
+                           .count("connected from") for i in range(1, boards + 1)]
     return summary
 
 
@@ -153,7 +157,8 @@ def main() -> int:
             rows.append((boards, summary["trials"], summary["valid_trials"], summary["tune_s"],
                          summary["measure_s"], summary["trials"] / minutes))
             print(f"{boards} board(s): {summary['trials']} trials in {summary['tune_s']:.0f} s "
-                  f"({summary['measure_s']:.0f} s measuring)", flush=True)
+                  f"({summary['measure_s']:.0f} s measuring); sessions per board: "
+                  f"{summary['sessions']}", flush=True)
     finally:
         network_down(most)
         shutil.rmtree(work, ignore_errors=True)
