@@ -308,6 +308,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"{summary['valid_trials']} valid trials over {summary['tasks']} tasks in "
             f"{summary['tune_s']:.0f}s"
             + (f"; sum of the best kernels {estimate:.2f} ms" if estimate is not None else "")
+            + (f"; {summary['borrowed_tasks']} tasks taken from "
+               + escape(", ".join(summary["borrowed_from"])) if summary["borrowed_tasks"] else "")
+            + (f"; measured on {summary['boards']} boards" if summary["boards"] > 1 else "")
             + escape(f"; records in {summary['records_dir']}. "
                      f"`edgekit deploy --device {device.name} {args.model}` applies them."))
         console.print("slowest kernels (best measured, per inference):")
@@ -320,6 +323,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
                           + (f", {row['gflops']:.0f} GFLOP/s" if row["gflops"] else "")
                           + (f", {share:.0%} of the total" if share else ""))
     return 0
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    from hostkit.cli.records import records_command
+
+    device = _inventory(args).get(args.device) if args.action != "list" and args.device else None
+    spec = None
+    if args.action == "export":
+        _check_models([args.model], args.weights)
+        (spec,) = _specs(args, [args.model])
+    return records_command(args, _console(args), device, spec)
 
 
 def cmd_board(args: argparse.Namespace) -> int:
@@ -403,7 +417,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "deploy": cmd_deploy, "bench": cmd_bench, "export": cmd_export, "devices": cmd_devices,
     "models": cmd_models,
     "tune": cmd_tune, "board": cmd_board, "device": cmd_device, "doctor": cmd_doctor,
-    "compare": cmd_compare, "profile": cmd_profile,
+    "compare": cmd_compare, "profile": cmd_profile, "records": cmd_records,
 }
 
 

@@ -178,6 +178,25 @@ def parser() -> argparse.ArgumentParser:
                       metavar="[NAME=]DIMS")
     _quant_flags(tune)
 
+    rec = sub.add_parser("records", help="tuning records: list them, move them between hosts")
+    actions = rec.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser("list", parents=[common],
+                       help="every model's records: target, trials, minutes, best latency")
+    rexp = actions.add_parser("export", parents=[common],
+                              help="write a model's records on a device's target to one file")
+    rexp.add_argument("--device", "-d", required=True)
+    rexp.add_argument("model")
+    rexp.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    rexp.add_argument("--weights", type=Path, default=None)
+    rexp.add_argument("--input-shape", type=_named_shape, action="append", default=None,
+                      metavar="[NAME=]DIMS")
+    _quant_flags(rexp)
+    rimp = actions.add_parser("import", parents=[common],
+                              help="add exported records to this host's cache (checked first)")
+    rimp.add_argument("file", type=Path)
+    rimp.add_argument("--device", "-d", default=None,
+                      help="refuse the records unless they are for this device's target")
+
     board = sub.add_parser("board", parents=[common], help="the emulated ARM board (qemu)")
     board.add_argument("action", choices=["up", "down", "status"])
     board.add_argument("--device", "-d", default="pi4-emu")

@@ -78,6 +78,10 @@ class Transport(ABC):
     def close(self) -> None:
         """Stop what `open` started."""
 
+    def boards(self) -> int:
+        """How many identical boards answer for this device (a tracker's key may have several)."""
+        return 1
+
     @property
     def address(self) -> str:
         return self.device.address

@@ -81,3 +81,18 @@ class TrackerTransport(Transport):
                                stage="connect",
                                hint="is a daemon registered with that key? see "
                                     "`python -m tvm.exec.query_rpc_tracker`") from exc
+
+    def boards(self) -> int:
+        """The daemons registered under the device's key, busy or free (at least 1)."""
+        from tvm import rpc
+
+        host, port = self._tracker_addr()
+        try:
+            summary = rpc.connect_tracker(host, port).summary()
+        except Exception as exc:
+            raise ConnectError(f"tracker {host}:{port} did not say which daemons it has: "
+                               f"{first_line(exc)}", device=self.device.name,
+                               stage="connect") from exc
+        wanted = f"server:{self.device.key}"
+        return max(1, sum(1 for server in summary.get("server_info", [])
+                          if server.get("key") == wanted))

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_FILE",
-           "PREPARATION", "MODULE_EQUALITY", "open_database", "prepare_module", "device_target",
-           "llvm_cpu_for"]
+           "VERSION_FILE", "META_FILE", "PREPARATION", "MODULE_EQUALITY", "open_database", "prepare_module", "device_target",
+           "llvm_cpu_for", "target_key", "target_text", "tuning_root", "records_dir_name"]
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 # The Relax preparation the records belong to; change it whenever `prepare_module` changes.
@@ -49,6 +49,9 @@ PREPARATION = "nhwc-anchor-1"
 MODULE_EQUALITY = "anchor-block"
 TARGET_FILE = "target.json"
 VERSION_FILE = "tvm_version"  # the TVM that wrote the records
+# What `edgekit records list` shows: the model, trials and minutes spent, the best estimate, and the
+# records taken from other models. Not part of the fingerprint: it describes, it is not applied.
+META_FILE = "meta.json"
 
 # Arm's MIDR "CPU part" numbers (what /proc/cpuinfo reports on arm64 boards) -> LLVM's -mcpu.
 ARM_CPU_PARTS: dict[str, str] = {
@@ -81,12 +84,30 @@ class TuningRecords:
                 digest.update(path.read_bytes())
         return f"{self.work_dir.parent.name}/{self.work_dir.name}@{digest.hexdigest()[:12]}"
 
+    def meta(self) -> dict[str, Any]:
+        """What tunes wrote about these records (empty for records made before meta.json)."""
+        path = self.work_dir / META_FILE
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def own_count(self) -> int:
+        """Records this model's tunes measured, without those taken from other models."""
+        return max(0, self.count() - int(self.meta().get("borrowed_records", 0)))
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.work_dir / f"{META_FILE}.tmp"
+        tmp.write_text(json.dumps(meta, sort_keys=True, indent=2), encoding="utf-8")
+        tmp.replace(self.work_dir / META_FILE)
+
     def save_target(self, target: "tvm.target.Target") -> None:
         import tvm
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_target_dict(target), sort_keys=True, indent=2)
-        (self.work_dir / TARGET_FILE).write_text(text, encoding="utf-8")
+        (self.work_dir / TARGET_FILE).write_text(target_text(target), encoding="utf-8")
         (self.work_dir / VERSION_FILE).write_text(tvm.__version__, encoding="utf-8")
 
     def check_version(self) -> None:
@@ -231,6 +252,11 @@ def _scheduled(mod: "tvm.IRModule") -> list[Any]:
             if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)]
 
 
+def target_text(target: "tvm.target.Target") -> str:
+    """The target as `target.json` holds it: equal texts mean the same target."""
+    return json.dumps(_target_dict(target), sort_keys=True, indent=2)
+
+
 def _target_dict(target: "tvm.target.Target") -> dict[str, Any]:
     """The target as plain JSON data that `tvm.target.Target` accepts back (keys follow kind)."""
     plain = _plain(target.export())
@@ -316,12 +342,21 @@ def _cuda_target(spec: dict[str, Any], info: dict[str, Any]) -> "tvm.target.Targ
     return tvm.target.Target(spec)
 
 
-def _target_key(resolved: ResolvedTarget) -> str:
+def target_key(resolved: ResolvedTarget) -> str:
+    """The folder of the records of every model on an inventory target."""
     text = json.dumps(resolved.to_json(), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def tuning_root() -> Path:
+    return cache_dir() / "tuning"
+
+
+def records_dir_name(identity: str) -> str:
+    return f"{identity[:16]}-{PREPARATION}"
+
+
 def records_for(model: LoadedModel, resolved: ResolvedTarget) -> TuningRecords:
     """Where the records of this model on this target live (they may not exist yet)."""
-    return TuningRecords(cache_dir() / "tuning" / _target_key(resolved)
-                         / f"{model.identity[:16]}-{PREPARATION}")
+    return TuningRecords(tuning_root() / target_key(resolved)
+                         / records_dir_name(model.identity))

@@ -197,8 +197,12 @@ def _rpc_address(transport: Any) -> tuple[str, int] | None:
     return None
 
 
-def make_runner(device: Device, transport: Any, info: dict[str, Any],
-                kind: str = "llvm") -> Any:
+def make_runner(device: Device, transport: Any, kind: str = "llvm", boards: int = 1) -> Any:
+    """MetaSchedule's RPC runner for the device; with a tracker, one worker per board.
+
+    Each worker asks the tracker for a free daemon under the device's key for every candidate,
+    so `boards` identical boards measure a batch's candidates `boards` at a time.
+    """
     from tvm.s_tir import meta_schedule as ms
 
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS,
@@ -216,7 +220,8 @@ def make_runner(device: Device, transport: Any, info: dict[str, Any],
                                      session_timeout_sec=int(RUN_TIMEOUT_S))
         create = functools.partial(connect_direct, kind)
     inner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                                f_create_session=create, max_workers=1)
+                                f_create_session=create,
+                                max_workers=max(1, boards) if create is None else 1)
     return _serial_runner()(inner)
 
 
@@ -250,11 +255,14 @@ def _serial_runner() -> Any:
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
+            self.measure_s = 0.0  # time spent waiting for the device(s): what more boards cut
 
         def run(self, runner_inputs: list[Any]) -> list[Any]:
+            started = time.monotonic()
             futures = list(self.inner.run(runner_inputs))
             for future in futures:
                 future.result()
+            self.measure_s += time.monotonic() - started
             return futures
 
     return SerialRunner
