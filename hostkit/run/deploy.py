@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP
-from hostkit.errors import EdgekitError, RemoteError
+from hostkit.errors import ConnectError, EdgekitError, RemoteError
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model
 from hostkit.report.results import Latency, RunResult
@@ -84,8 +84,6 @@ def run_fleet(devices: Sequence[Device], specs: Sequence[ModelSpec], options: Ru
 def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOptions,
                   models: _ModelCache | None = None, step: Step | None = None) -> list[RunResult]:
     from hostkit.build.targets import check_cross_compiler, resolve_target
-    from hostkit.run.remote import DeviceSession, check_versions
-    from hostkit.transport import make_transport
 
     models = models or _ModelCache()
     results = [RunResult(device=device.name, model=s.name, emulated=device.emulated) for s in specs]
@@ -98,15 +96,7 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         cross_cc = check_cross_compiler(device, resolved)
         if options.runtime == "cpp":
             _check_cpp(device, resolved)
-        note(device.name, "*", f"connecting to {device.address}")
-        with make_transport(device) as transport:
-            session = DeviceSession(transport, transport.session())
-            info = session.info()
-            check_versions(device.name, info)
-            for spec, result in zip(specs, results):
-                result.device_info = info
-                _run_one(session, device, spec, result, options, models, resolved, cross_cc, note)
-            session.close()
+        _connect_and_run(device, specs, results, options, models, resolved, cross_cc, note)
     except EdgekitError as exc:
         for result in results:
             if result.status != "ok" and result.error is None:
@@ -117,6 +107,48 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
             if result.status != "ok" and result.error is None:
                 result.error, result.stage = f"unexpected error: {exc}", "internal"
     return results
+
+
+def _connect_and_run(device: Device, specs: Sequence[ModelSpec], results: list[RunResult],
+                     options: RunOptions, models: _ModelCache, resolved: "ResolvedTarget",
+                     cross_cc: str | None, note: Step) -> None:
+    """Connect (retrying a transient failure with backoff, `retries` times), then run each model.
+
+    Nothing is retried once a model started running on the device: a second try could measure
+    a board in another state, and half of a benchmark is not a result.
+    """
+    from hostkit.run.remote import DeviceSession, check_versions
+    from hostkit.transport import make_transport
+
+    for attempt in range(device.retries + 1):
+        started = False
+        try:
+            note(device.name, "*", f"connecting to {device.address}")
+            with make_transport(device) as transport:
+                transport.notify = lambda what: note(device.name, "*", what)
+                session = DeviceSession(transport, transport.session())
+                try:
+                    info = session.info()
+                    check_versions(device.name, info)
+                    started = True
+                    for index, (spec, result) in enumerate(zip(specs, results)):
+                        result.device_info = info
+                        _run_one(session, device, spec, result, options, models, resolved,
+                                 cross_cc, note)
+                        if session.lost:  # the rest would fail the same way: say it once each
+                            for rest in results[index + 1:]:
+                                rest.error, rest.stage = result.error, result.stage
+                            break
+                finally:
+                    session.close()
+            return
+        except ConnectError as exc:
+            if started or not exc.transient or attempt == device.retries:
+                raise
+            delay = min(2.0 ** attempt, 10.0)
+            note(device.name, "*", f"{exc.message}; trying again in {delay:g}s "
+                                   f"({attempt + 1} of {device.retries} retries)")
+            time.sleep(delay)
 
 
 def _check_cpp(device: Device, resolved: "ResolvedTarget") -> None:

@@ -222,7 +222,20 @@ class SshTransport(Transport):
             raise ConnectError("the ssh transport is not open", device=self.device.name,
                                stage="connect")
         return connect_rpc(self.device, "127.0.0.1", self.tunnel.port,
-                           hint=f"try `edgekit doctor --device {self.device.name}`")
+                           hint=f"try `edgekit doctor --device {self.device.name}`",
+                           notify=self.notify, log_tail=self.log_tail)
+
+    def log_tail(self) -> str:
+        """The last lines of the board's daemon log, when this transport started the daemon."""
+        conn = self.conn
+        if self.daemon_pid is None or conn is None or not conn.alive:
+            return ""
+        log_file = f"{conn.work_dir}/daemon-{self.device.ssh.rpc_port}.log"
+        try:
+            tail = conn.run(f"tail -n 3 {shlex.quote(log_file)}", timeout=10).stdout
+        except ConnectError:
+            return ""
+        return " | ".join(line.strip() for line in tail.splitlines() if line.strip())
 
     def put_artifact(self, sess: "RPCSession", path: Path, sha256: str,
                      progress: Progress | None = None) -> None:
