@@ -14,11 +14,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
-__all__ = ["Relay", "RelayError"]
+__all__ = ["Relay", "RelayError", "close_all_relays"]
 
 SCRIPT = Path(__file__).with_name("relay_process.py")
+_LIVE: "weakref.WeakSet[Relay]" = weakref.WeakSet()
+
+
+def close_all_relays() -> None:
+    """Cut every open session (Ctrl-C): blocked calls return, daemons drop the work."""
+    for relay in list(_LIVE):
+        relay.close()
 
 
 class RelayError(OSError):
@@ -38,6 +46,7 @@ class Relay:
         self.peer_closed = False  # the daemon ended the connection (not edgekit)
         self.stalled_in: str | None = None  # the stage the relay cut for lack of progress
         self.closed = False
+        self.cut_by_host = False  # edgekit closed it (done, or Ctrl-C), not the daemon
         self._ended = threading.Event()
         self.proc = subprocess.Popen(
             [sys.executable, "-S", "-E", str(SCRIPT), host, str(port), repr(connect_timeout),
@@ -53,6 +62,7 @@ class Relay:
                 else ("0", "the relay did not start")
             raise RelayError(kind, text)
         self.port = int(first[1])
+        _LIVE.add(self)
         threading.Thread(target=self._read, daemon=True, name=f"relay-{self.port}").start()
 
     def _read(self) -> None:
@@ -97,6 +107,7 @@ class Relay:
 
     def close(self) -> None:
         """Cut both sides: a call blocked in TVM's client returns with an error at once."""
+        self.cut_by_host = not self.closed
         self._tell("close")
         try:
             self.proc.wait(5)

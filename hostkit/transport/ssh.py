@@ -2,8 +2,8 @@
 
 The board's daemon never listens on a network address: edgekit starts it (if nothing answers) bound
 to the board's 127.0.0.1 and forwards a port on the host's 127.0.0.1 to it, like `ssh -L`. Host
-keys are checked against known_hosts; artifacts travel by SFTP and are renamed into the board's
-store only once their sha256 matches.
+keys are checked against known_hosts; artifacts travel by SFTP (or, on boards without it, through
+`cat` on an exec channel) and are renamed into the board's store only once their sha256 matches.
 
 Pieces: `sshconn.SshConnection` (the verified, authenticated link), `tunnel.SshTunnel` (the port
 forward, in a child process), and here the board-side checks and the transport itself.
@@ -252,7 +252,7 @@ class SshTransport(Transport):
         size = path.stat().st_size
         try:
             conn.check(f"mkdir -p {shlex.quote(self.store_dir)}", stage="upload")
-            conn.sftp().put(str(path), part, callback=progress, confirm=True)
+            conn.put(str(path), part, callback=progress)
         except BaseException as exc:
             _discard(conn, part)
             if not isinstance(exc, Exception):
@@ -295,6 +295,6 @@ class SshTransport(Transport):
 
 def _discard(conn: SshConnection, part: str) -> None:
     try:
-        conn.sftp().remove(part)
+        conn.remove(part)
     except Exception:  # noqa: S110 - the connection may be gone; a part file is never loaded
         pass

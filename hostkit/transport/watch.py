@@ -65,6 +65,9 @@ class Watch:
                 hint="the daemon or the board froze, or the link dropped; check it with "
                      f"`edgekit doctor --device {self.device}`, and raise stall_timeout if one "
                      "step of this model really takes longer")
+        if self.relay.cut_by_host and not self.relay.peer_closed:
+            return RemoteError(f"edgekit closed the session during {stage} (interrupted)",
+                               device=self.device, stage=stage)
         if self.relay.peer_closed or (exc is not None and _closed_text(exc)):
             tail = self.log_tail()
             shown = f"; its log ends: {tail}" if tail else ""

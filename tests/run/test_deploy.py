@@ -102,7 +102,7 @@ def test_bench_unreachable_device_is_a_failed_row(daemon: Any, write_inventory: 
     rows = {r["device"]: r for r in _json(capsys)}
     assert rows["dev"]["status"] == "ok"
     assert rows["gone"]["status"] == "failed" and rows["gone"]["stage"] == "connect"
-    assert "cannot reach 127.0.0.1:9" in rows["gone"]["error"]
+    assert "connection refused at 127.0.0.1:9" in rows["gone"]["error"]
     assert "edgekit devices" in rows["gone"]["error"]
     with open(out_csv, encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))

@@ -415,3 +415,24 @@ def test_profile_over_ssh(tmp_path: Path, sshd: Sshd, capsys: pytest.CaptureFixt
     names = [row["name"] for row in result["profile"]["rows"]]
     assert any(name.startswith("conv2d 3x3 3->16 @32x32") for name in names), names
     assert result["memory"]["peak_rss_mb"] >= result["memory"]["idle_rss_mb"]
+
+
+def test_deploy_over_ssh_without_sftp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A board whose sshd has no SFTP subsystem (dropbear images): the artifact goes through
+    `cat` on an exec channel, checked by its sha256 on the board like an SFTP copy."""
+    from hostkit.cli import main
+
+    server = start_sshd(tmp_path / "sshd", sftp=False)
+    try:
+        with SshConnection(_device(tmp_path, server)).connect() as conn:
+            assert not conn.has_sftp
+        inv = write_inventory(tmp_path / "inventory.yaml", server, python=sys.executable)
+        assert main(["deploy", "-i", str(inv), "-d", "sshbox", "tinycnn", "--repeat", "3",
+                     "--input-shape", "1,3,44,44", "--json"]) == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out)
+        assert result["status"] == "ok" and result["uploaded"] is True
+        store = tmp_path / "board" / "artifacts"
+        assert (store / f"{result['artifact_sha256']}.so").is_file()
+        assert not list(store.glob(".*.part")), "no staging file is left behind"
+    finally:
+        server.stop()
