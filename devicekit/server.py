@@ -160,9 +160,11 @@ def _survive_dead_sessions() -> None:
     original = tvm_server._serving
 
     def serving(sock: object, addr: object, opts: object, load_library: object) -> None:
+        cwd = os.getcwd()  # TVM leaves the dead session's (removed) folder as the cwd
         try:
             original(sock, addr, opts, load_library)
-        except RuntimeError as exc:
+        except Exception as exc:
+            os.chdir(cwd)
             code = str(exc).rsplit(" ", 1)[-1]
             killed = code.lstrip("-").isdigit() and int(code) < 0
             why = (f"killed by signal {-int(code)} (out of memory? see `dmesg | grep -i oom`)"

@@ -13,8 +13,11 @@ Reports on stdout: `error ERRNO TEXT` or `ready PORT` first, then `moved SENT RE
 `peer-closed`, `stalled NAME`, and `closed` last.
 """
 
+import fcntl
 import socket
+import struct
 import sys
+import termios
 import threading
 import time
 
@@ -74,16 +77,29 @@ def pump(state: State, source: socket.socket, sink: socket.socket, upstream: boo
             return
         if upstream:
             state.received += len(data)
+            state.last = time.monotonic()
         else:
-            state.sent += len(data)
-        state.last = time.monotonic()
+            state.sent += len(data)  # progress once acknowledged: see watch()
 
 
-def watch(state: State) -> None:
+def unacked(sock: socket.socket) -> int:
+    """Bytes handed to the kernel that the daemon's side has not acknowledged yet (Linux)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0])
+    except OSError:
+        return 0
+
+
+def watch(state: State, upstream: socket.socket) -> None:
+    """Progress is what reached the daemon: a send buffer can hold a whole upload at once, so
+    bytes handed to the kernel say nothing on a slow or cut link; acknowledged ones do."""
     shown = (-1, -1)
     while not state.done.wait(REPORT_S):
-        moved = (state.sent, state.received)
+        moved = (max(0, state.sent - unacked(upstream)), state.received)
         if moved != shown:
+            if shown != (-1, -1):
+                state.last = time.monotonic()
             shown = moved
             state.say(f"moved {moved[0]} {moved[1]}")
         stage = state.stage
@@ -124,7 +140,7 @@ def main() -> int:
     state.sockets = [upstream, listener]
     state.say(f"ready {listener.getsockname()[1]}")
     threading.Thread(target=commands, args=(state,), daemon=True).start()
-    threading.Thread(target=watch, args=(state,), daemon=True).start()
+    threading.Thread(target=watch, args=(state, upstream), daemon=True).start()
     listener.settimeout(float(connect_timeout) + 5)
     try:
         client, _ = listener.accept()
