@@ -131,6 +131,11 @@ class SshConnection:
             return error(f"ssh login as {self.target} refused with {used}",
                          "wrong key? check ssh.key_file and ssh.user, and the board's "
                          "~/.ssh/authorized_keys")
+        if isinstance(exc, paramiko.SSHException) and any(
+                text in str(exc) for text in ("protocol banner", "No existing session")):
+            return error(f"what answers at {host}:{port} does not speak SSH "
+                         f"({first_line(exc)})", "is ssh.port the board's SSH port? the "
+                         "daemon's own port is ssh.rpc_port, reached through the tunnel")
         if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
             return error(f"host key of {host}:{port} is unknown (not in {known})",
                          f"check it, then trust it with `ssh-keyscan -p {port} {host} >> "

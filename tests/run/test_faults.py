@@ -303,31 +303,42 @@ def test_cut_link_during_upload_and_a_slow_link(daemon: Daemon, fleet: Any) -> N
 @pytest.mark.slow
 def test_fleet_of_eight_behind_a_tracker(daemon: Daemon, fleet: Any, tmp_path: Path) -> None:
     """`bench` over 8 boards at once takes at most 1.5x the slowest board alone; with the tracker
-    gone its rows fail fast while a direct device still finishes."""
+    gone its rows fail fast while a direct device still finishes.
+
+    Real boards bring their own CPUs and links; eight daemons on this machine's two shared cores
+    would share one CPU, which measures the cores, not edgekit. So each board gets its own
+    256 kbit/s link (tbf), and each phase ships an artifact the boards lack: a board's time is then
+    mostly its own link, as on a real fleet, and the host's share is what is being judged.
+    """
     boards = fleet("f", 2, 8)
     tracker_log = open(tmp_path / "tracker.log", "wb")
-    tracker = subprocess.Popen([sys.executable, "-m", "devicekit",
-                                "tracker", "--listen", boards.host_ip, "--port", "9190"],
-                               stdout=tracker_log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    tracker = subprocess.Popen([sys.executable, "-m", "devicekit", "tracker", "--listen",
+                                boards.host_ip, "--port", "9190"], stdout=tracker_log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for i in range(8):
             boards.daemon(i, "--tracker", f"{boards.host_ip}:9190", "--key", f"ek18-{i}")
+            boards.shape(i, "256kbit")
         devices = [Device(name=f"board{i}", target={"kind": "llvm"}, transport="tracker",
                           tracker=f"{boards.host_ip}:9190", key=f"ek18-{i}",
                           stall_timeout=STALL) for i in range(8)]
         options = RunOptions(repeat=20)
-        run_fleet(devices[:1], TINY, options)  # compile once: every board takes the same file
+        alone_spec = [ModelSpec("tinycnn", input_shape=(1, 3, 28, 28))]
+        fleet_spec = [ModelSpec("tinycnn", input_shape=(1, 3, 30, 30))]
+        for spec in (alone_spec, fleet_spec):  # compile both here: the phases time the boards
+            (warm,) = run_fleet([_device("direct", daemon.port)], spec, options)
+            assert warm.status == "ok", warm.error
         alone = []
         for device in devices:
             start = time.monotonic()
-            (row,) = run_fleet([device], TINY, options)
+            (row,) = run_fleet([device], alone_spec, options)
             alone.append(time.monotonic() - start)
-            assert row.status == "ok", row.error
+            assert row.status == "ok" and row.uploaded, row.error
         start = time.monotonic()
-        rows = run_fleet(devices, TINY, options)
+        rows = run_fleet(devices, fleet_spec, options)
         together = time.monotonic() - start
-        assert all(r.status == "ok" for r in rows), [r.error for r in rows if not r.ok]
+        assert all(r.status == "ok" and r.uploaded for r in rows), \
+            [r.error for r in rows if not r.ok]
         print(f"\nfleet of 8 behind a tracker: {together:.1f}s together; slowest board alone "
               f"{max(alone):.1f}s (each alone: {', '.join(f'{t:.1f}' for t in alone)})")
         assert together <= 1.5 * max(alone)

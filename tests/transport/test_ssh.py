@@ -24,7 +24,7 @@ from sshd import Sshd, free_port, sshd_missing, start_sshd, write_inventory
 
 from hostkit.defaults import cache_dir
 from hostkit.errors import ConnectError, TransferError
-from hostkit.inventory import Device, load_inventory
+from hostkit.inventory import Device, SshSettings, load_inventory
 from hostkit.transport import make_transport
 from hostkit.transport.ssh import SshTransport
 from hostkit.transport.sshconn import SshConnection
@@ -436,3 +436,17 @@ def test_deploy_over_ssh_without_sftp(tmp_path: Path, capsys: pytest.CaptureFixt
         assert not list(store.glob(".*.part")), "no staging file is left behind"
     finally:
         server.stop()
+
+
+def test_ssh_device_at_a_port_that_is_not_ssh(tmp_path: Path, daemon: Any) -> None:
+    """An RPC daemon's port given as ssh.port: one line saying it is not SSH, fast."""
+    device = Device(name="wrong", target={"kind": "llvm"}, transport="ssh", host="127.0.0.1",
+                    connect_timeout=5.0,
+                    ssh=SshSettings(port=daemon.port, known_hosts=str(tmp_path / "kh")))
+    start = time.monotonic()
+    with pytest.raises(ConnectError) as caught:
+        SshConnection(device).connect()
+    assert caught.value.stage == "ssh"
+    assert caught.value.message.startswith(
+        f"what answers at 127.0.0.1:{daemon.port} does not speak SSH")
+    assert time.monotonic() - start <= 10
