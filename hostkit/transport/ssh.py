@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from hostkit.errors import ConnectError, TransferError, first_line
 from hostkit.inventory import Device
-from hostkit.transport.base import Progress, Transport, connect_rpc
+from hostkit.transport.base import Progress, Transport, connect_rpc, watch_of
 from hostkit.transport.sshconn import SshConnection
 from hostkit.transport.tunnel import SshTunnel
 
@@ -250,9 +250,18 @@ class SshTransport(Transport):
         final = f"{self.store_dir}/{sha256}{path.suffix}"
         part = f"{self.store_dir}/.{sha256}.part"
         size = path.stat().st_size
+        watch = watch_of(sess)
+
+        def sent(done: int, total: int) -> None:
+            # The copy bypasses the RPC relay: tell the session's watchdog it is moving.
+            if watch is not None:
+                watch.progress()
+            if progress is not None:
+                progress(done, total)
+
         try:
             conn.check(f"mkdir -p {shlex.quote(self.store_dir)}", stage="upload")
-            conn.put(str(path), part, callback=progress)
+            conn.put(str(path), part, callback=sent)
         except BaseException as exc:
             _discard(conn, part)
             if not isinstance(exc, Exception):
