@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str],
                 console.print(f"{label}: {what}", style="dim", markup=False)
 
         return run_fleet([_with_flags(d, args) for d in devices], specs, options, step,
-                         on_result)
+                         on_result=on_result)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

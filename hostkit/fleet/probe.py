@@ -84,16 +84,30 @@ def _probe_tcp(row: dict[str, Any], host: str, port: int, ok_text: str) -> dict[
     return row
 
 
+def _tcp(row: dict[str, Any], host: str, port: int) -> bool:
+    """Whether something accepts TCP at host:port; else says what the network answered."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except ConnectionRefusedError:
+        row["reports"] = f"connection refused at {host}:{port}: nothing listens there"
+    except (socket.timeout, TimeoutError):
+        row["reports"] = f"no answer from {host}:{port} within {PROBE_TIMEOUT_S:g}s"
+    except OSError as exc:
+        row["reports"] = f"cannot reach {host}:{port}: {exc.strerror or first_line(exc)}"
+    return False
+
+
 def _probe_rpc(row: dict[str, Any], device: Device, host: str, port: int) -> dict[str, Any]:
     """Ask the daemon what it is, within a few seconds whatever listens there (a silent port,
     a frozen daemon, a busy one); its TVM must be the host's."""
-    import tvm
+    if not _resolve(row, host) or not _tcp(row, host, port):
+        return row
+    import tvm  # only now: seconds to import, for a device that listens
 
     from hostkit.errors import EdgekitError
     from hostkit.transport.base import connect_rpc
 
-    if not _resolve(row, host):
-        return row
     quick = device.with_overrides(connect_timeout=PROBE_TIMEOUT_S, session_timeout=ANSWER_S,
                                   stall_timeout=ANSWER_S)
     try:
