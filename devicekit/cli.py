@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     # daemon; every RPC session is a fork of it, and a fork cannot use a CUDA context its parent
     # made (cudaErrorInitializationError). The device side never needs torch's DLPack bridge.
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    # tvm_ffi imports torch eagerly when it is installed (a host with a device daemon on it):
+    # about 400 MB per daemon process for nothing, which a fleet of daemons on one machine, or a
+    # board with little memory, cannot spare. None in sys.modules makes that import fail fast.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     if getattr(args, "runtime_only", False):
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # read when TVM is first imported, below
     if args.command == "strip-compiler":

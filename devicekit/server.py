@@ -156,6 +156,36 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
 
     watchdog = threading.Thread(target=_exit_with_daemon, args=(daemon_pid,), daemon=True)
     watchdog.start()
+    _survive_dead_sessions()
+
+
+def _survive_dead_sessions() -> None:
+    """Keep serving after a session process dies (the kernel's OOM killer, a crash in a kernel).
+
+    TVM's listener raises when a session exits non-zero, which ends the listening thread: the
+    daemon would answer no one again. This logs one line the host can show instead, and goes on.
+    """
+    import tvm.rpc.server as tvm_server
+
+    original = tvm_server._serving
+
+    def serving(sock: object, addr: object, opts: object, load_library: object) -> None:
+        cwd = os.getcwd()  # TVM leaves the dead session's (removed) folder as the cwd
+        try:
+            original(sock, addr, opts, load_library)
+        except Exception as exc:
+            os.chdir(cwd)
+            code = str(exc).rsplit(" ", 1)[-1]
+            killed = code.lstrip("-").isdigit() and int(code) < 0
+            why = (f"killed by signal {-int(code)} (out of memory? see `dmesg | grep -i oom`)"
+                   if killed else f"failed: {exc}")
+            log.error("the session from %s ended abnormally: %s", addr, why)
+            try:
+                sock.close()  # type: ignore[attr-defined]
+            except OSError:
+                pass
+
+    tvm_server._serving = serving
 
 
 def _exit_with_daemon(daemon_pid: int) -> None:

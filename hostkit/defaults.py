@@ -11,6 +11,8 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "PROBE_TIMEOUT_S",
     "SESSION_TIMEOUT_S",
+    "STALL_TIMEOUT_S",
+    "CONNECT_RETRIES",
     "DEFAULT_REPEAT",
     "DEFAULT_WARMUP",
     "CHECK_RTOL",
@@ -23,6 +25,10 @@ DEFAULT_BIND = "127.0.0.1"
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0
 SESSION_TIMEOUT_S = 600.0
+# No progress from a device for this long fails its row, whatever the length of the work.
+STALL_TIMEOUT_S = 30.0
+# Extra tries of the connect stage (with backoff) before a device's rows fail.
+CONNECT_RETRIES = 1
 DEFAULT_REPEAT = 10
 DEFAULT_WARMUP = 1
 # The largest relative error vs PyTorch that counts as a match (see hostkit.run.check).

@@ -71,7 +71,16 @@ class CompileError(EdgekitError):
 
 
 class ConnectError(EdgekitError):
-    """The device cannot be reached, or its TVM version does not match."""
+    """The device cannot be reached, or its TVM version does not match.
+
+    `transient` says whether trying again later may help (a refused or timed-out connection);
+    a version mismatch, a foreign daemon or a turn already waited for in vain will not change.
+    """
+
+    def __init__(self, message: str, *, device: str | None = None, stage: str | None = None,
+                 hint: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, device=device, stage=stage, hint=hint)
+        self.transient = transient
 
 
 class TransferError(EdgekitError):

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hostkit.defaults import CONNECT_TIMEOUT_S, DEFAULT_PORT, SESSION_TIMEOUT_S
+from hostkit.defaults import (
+    CONNECT_RETRIES,
+    CONNECT_TIMEOUT_S,
+    DEFAULT_PORT,
+    SESSION_TIMEOUT_S,
+    STALL_TIMEOUT_S,
+)
 from hostkit.errors import InventoryError, first_line, shown
 from hostkit.yamlfile import MAX_DEPTH, load_yaml_file
 
@@ -48,6 +54,7 @@ HOST_KEY_POLICIES = ("strict", "accept-new")
 # Longest wait edgekit accepts for a connection and for one RPC session, in seconds.
 MAX_CONNECT_TIMEOUT_S = 3600.0
 MAX_SESSION_TIMEOUT_S = 7 * 86400.0
+MAX_RETRIES = 10
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Device:
     cross_compiler: str | None = None
     session_timeout: float = SESSION_TIMEOUT_S
     connect_timeout: float = CONNECT_TIMEOUT_S
+    stall_timeout: float = STALL_TIMEOUT_S
+    retries: int = CONNECT_RETRIES
     format: str = "so"
     cuda_kernels: str = "cubin"  # a CUDA target's kernels: cubin for its arch, or ptx
     managed: str = "none"
@@ -170,6 +179,11 @@ def _seconds(most: float) -> Callable[[float], str | None]:
     return check
 
 
+def _retries(value: int) -> str | None:
+    return None if 0 <= value <= MAX_RETRIES else (f"must be a whole number from 0 to "
+                                                   f"{MAX_RETRIES}, got {shown(value)}")
+
+
 def _listed(names: Mapping[str, Any], most: int = 20) -> str:
     """Names for a message: the first few, and how many more, so a big fleet stays one line."""
     shown_names = ", ".join(list(names)[:most]) or "none"
@@ -189,6 +203,8 @@ _DEVICE_KEYS: dict[str, _Spec] = {
     "cross_compiler": ((str,), _printable),
     "session_timeout": ((int, float), _seconds(MAX_SESSION_TIMEOUT_S)),
     "connect_timeout": ((int, float), _seconds(MAX_CONNECT_TIMEOUT_S)),
+    "stall_timeout": ((int, float), _seconds(MAX_CONNECT_TIMEOUT_S)),
+    "retries": ((int,), _retries),
     "format": ((str,), FORMATS),
     "cuda_kernels": ((str,), CUDA_KERNELS),
     "managed": ((str,), MANAGED),
@@ -397,8 +413,9 @@ def _build_device(name: str, merged: dict[str, Any], groups: tuple[str, ...], wh
     values["target"] = target
     if "session_timeout" in values:
         values["session_timeout"] = float(values["session_timeout"])
-    if "connect_timeout" in values:
-        values["connect_timeout"] = float(values["connect_timeout"])
+    for key in ("connect_timeout", "stall_timeout"):
+        if key in values:
+            values[key] = float(values[key])
     if values.get("managed") == "qemu-arm64":
         values.setdefault("emulated", True)
     return Device(name=name, groups=groups, ssh=SshSettings(**ssh_raw), **values)

@@ -88,7 +88,8 @@ def test_bench_needs_a_device_selection(write_inventory: Any,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     inv = write_inventory({"devices": {"x": {"target": {"kind": "llvm"}}}})
     assert main(["bench", "-i", str(inv)]) == 1
-    assert _err(capsys) == "edgekit: error: choose devices with --device NAME, --group G or --all-devices"
+    assert _err(capsys) == ("edgekit: error: choose devices with --device NAME, --group G, "
+                            "--all-devices or --rerun-failed RESULTS")
 
 
 @pytest.mark.parametrize(("target", "problem"), [

@@ -378,7 +378,7 @@ import hostkit.run.deploy as deploy
 from hostkit.errors import EdgekitError
 from hostkit.report.results import RunResult
 
-def load_only(devices, specs, options, step=None):
+def load_only(devices, specs, options, step=None, on_result=None):
     results = []
     for spec in specs:
         result = RunResult(device=devices[0].name, model=spec.name)

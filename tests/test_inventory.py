@@ -30,6 +30,7 @@ def test_precedence_defaults_groups_device_flags() -> None:
     assert inv.get("a").port == 9000 and inv.get("a").session_timeout == 100.0
     assert inv.get("b").port == 9100 and inv.get("b").cross_compiler == "aarch64-linux-gnu-gcc"
     assert inv.get("c").port == 9300 and inv.get("c").session_timeout == 900.0
+    assert inv.get("a").stall_timeout == 30.0 and inv.get("a").retries == 1, "the defaults"
     # later groups in the device's list win
     assert inv.get("d").port == 9100
     assert inv.get("c").with_overrides(port=1234, format=None).port == 1234
@@ -95,6 +96,13 @@ BAD = [
     ({"devices": {"x": {"target": {"kind": "llvm"}, "connect_timeout": float("nan")}}},
      "inventory: devices.x.connect_timeout must be a number of seconds above 0 and at most 3600, "
      "got nan"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "stall_timeout": 0}}},
+     "inventory: devices.x.stall_timeout must be a number of seconds above 0 and at most 3600, "
+     "got 0"),
+    ({"defaults": {"retries": -1}, "devices": {"x": {"target": {"kind": "llvm"}}}},
+     "inventory: defaults.retries must be a whole number from 0 to 10, got -1"),
+    ({"devices": {"x": {"target": {"kind": "llvm"}, "retries": 1.5}}},
+     "inventory: devices.x.retries must be int, got float 1.5"),
     ({"devices": {"x": {"target": {"kind": "llvm"}, "port": 10**40}}},
      "inventory: devices.x.port must be between 1 and 65535, got 10000000000000000000000000000000000"
      "000000"),

@@ -110,7 +110,9 @@ def _with_flags(device: Device, args: argparse.Namespace) -> Device:
     return device.with_overrides(format=getattr(args, "format", None))
 
 
-def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> list[Any]:
+def _run(args: argparse.Namespace, devices: list[Device], models: list[str],
+         on_result: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run the fleet with a live status line; Ctrl-C raises FleetInterrupted with the rows."""
     from hostkit.run.deploy import RunOptions, run_fleet
 
     profile_runs = args.runs if args.command == "profile" else \
@@ -128,7 +130,8 @@ def _run(args: argparse.Namespace, devices: list[Device], models: list[str]) -> 
             if not console.is_terminal:
                 console.print(f"{label}: {what}", style="dim", markup=False)
 
-        return run_fleet([_with_flags(d, args) for d in devices], specs, options, step)
+        return run_fleet([_with_flags(d, args) for d in devices], specs, options, step,
+                         on_result=on_result)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -194,10 +197,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from hostkit.report.render import bench_table, to_json, write_csv
-
-    inventory = _inventory(args)
+def _bench_plan(args: argparse.Namespace, inventory: Inventory) -> tuple[list[Device], list[str]]:
+    """The devices and models a bench runs: from flags, or the failed rows of a results file."""
+    if args.rerun_failed is not None:
+        if args.models:
+            raise EdgekitError("--rerun-failed takes its models from the results file; give "
+                               "no model names with it")
+        failed = _failed_records(args.rerun_failed)
+        if not failed:
+            raise EdgekitError(f"{args.rerun_failed}: every row is ok; nothing to run again")
+        names = list(dict.fromkeys(str(r["device"]) for r in failed))
+        models = list(dict.fromkeys(str(r.get("requested") or r["model"]) for r in failed))
+        return [inventory.get(name) for name in names], models
     if args.all_devices:
         devices = list(inventory.devices.values())
     elif args.group:
@@ -205,24 +216,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.device:
         devices = [inventory.get(name) for name in args.device]
     else:
-        raise InventoryError("choose devices with --device NAME, --group G or --all-devices")
-    models = args.models or ["resnet18"]
+        raise InventoryError("choose devices with --device NAME, --group G, --all-devices or "
+                             "--rerun-failed RESULTS")
+    return devices, args.models or ["resnet18"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hostkit.report.render import JsonLines, bench_table, to_json, write_csv
+    from hostkit.run.deploy import FleetInterrupted
+
+    inventory = _inventory(args)
+    devices, models = _bench_plan(args, inventory)
     _check_models(models, args.weights)
-    _check_outputs(args.csv, args.html)
-    results = _run(args, devices, models)
-    if args.csv:
-        write_csv(args.csv, results)
-    if args.html:
-        _write_html(args.html, results, "edgekit bench")
+    _check_outputs(args.csv, args.html, args.jsonl)
+    lines = JsonLines(args.jsonl) if args.jsonl else None
+    interrupted = False
+    try:
+        results = _run(args, devices, models, lines.write if lines else None)
+    except FleetInterrupted as stop:
+        results, interrupted = stop.results, True
+    finally:
+        if lines:
+            lines.close()
+    if args.rerun_failed is not None:  # only the pairs that failed, not every model everywhere
+        wanted = {(r.device, r.requested) for r in results}
+        failed = {(str(r["device"]), str(r.get("requested") or r["model"]))
+                  for r in _failed_records(args.rerun_failed)}
+        results = [r for r in results if (r.device, r.requested) in failed & wanted]
+    # The table comes first: whatever happens to a file, what was measured is shown.
     if args.json:
         print(to_json([r.to_json() for r in results]))
     else:
         bench_table(_console(args), results)
+    problems = []
+    for path, write in ((args.csv, lambda p: write_csv(p, results)),
+                        (args.html, lambda p: _write_html(p, results, "edgekit bench"))):
+        if path is not None:
+            try:
+                write(path)
+            except OSError as exc:
+                problems.append(f"cannot write {path}: {exc.strerror or exc}")
+    for problem in problems:
+        print(one_line(f"edgekit: error: {problem}"), file=terminal())
     internal = sum(r.stage == "internal" for r in results)
     if internal:
         print(f"edgekit: unexpected error in {internal} of {len(results)} runs (traceback in "
               f"{debug_log_path()}; please report it)", file=terminal())
-    return 0 if all(r.ok for r in results) else 1
+    if interrupted:
+        print("edgekit: interrupted; the table shows what finished", file=terminal())
+        return 130
+    return 0 if all(r.ok for r in results) and not problems else 1
+
+
+def _failed_records(path: Path) -> list[dict[str, Any]]:
+    from hostkit.report.compare import load_records
+
+    return [r for r in load_records(path) if r.get("status") != "ok"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -260,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from hostkit.fleet.probe import probe_all
+    from hostkit.fleet.probe import healthy, probe_all
     from hostkit.report.render import devices_table, to_json
 
     inventory = _inventory(args)
@@ -269,6 +318,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(to_json(rows))
     else:
         devices_table(_console(args), rows)
+    bad = [row["device"] for row in rows if not healthy(row)]
+    if bad:
+        print(one_line(f"edgekit: error: {len(bad)} of {len(rows)} devices did not answer as "
+                       f"they should (unreachable, silent or another TVM): {', '.join(bad[:10])}"
+                       + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")),
+              file=terminal())
+        return 1
     return 0
 
 

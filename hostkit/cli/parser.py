@@ -143,8 +143,14 @@ def parser() -> argparse.ArgumentParser:
     pick.add_argument("--device", "-d", action="append", default=None, help="repeatable")
     pick.add_argument("--group", "-g", help="every device of an inventory group")
     pick.add_argument("--all-devices", action="store_true", help="every device in the inventory")
+    pick.add_argument("--rerun-failed", type=Path, default=None, metavar="RESULTS",
+                      help="run again only the (device, model) rows that failed in a results "
+                           "file of `bench --json` or `--jsonl`")
     bench.add_argument("models", nargs="*", default=None, help="models (default resnet18)")
     bench.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write CSV")
+    bench.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
+                       help="write each result as one JSON line the moment it is final, so an "
+                            "interrupted run keeps what it measured")
     bench.add_argument("--html", type=Path, default=None, metavar="FILE",
                        help="also write a self-contained page: the table and latency charts")
 

@@ -12,15 +12,30 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hostkit.defaults import PROBE_TIMEOUT_S
+from hostkit.errors import first_line
 from hostkit.inventory import Device
 from hostkit.net import port_open
+from hostkit.transport.base import watch_of
 
-__all__ = ["probe", "probe_all"]
+__all__ = ["probe", "probe_all", "healthy"]
+
+
+# Seconds a daemon that accepted the connection has to start a session and say what it is.
+ANSWER_S = 5.0
+# Devices probed at once: each probe mostly waits on the network.
+PARALLEL = 32
 
 
 def probe_all(devices: list[Device]) -> list[dict[str, Any]]:
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(devices)))) as pool:
+    """Every device at once, each bounded by a few seconds, rows in inventory order."""
+    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, len(devices)))) as pool:
         return list(pool.map(probe, devices))
+
+
+def healthy(row: dict[str, Any]) -> bool:
+    """A row `edgekit devices` counts as fine: it answered with the host's TVM, or edgekit
+    starts it on demand."""
+    return row["status"] in ("reachable", "on demand")
 
 
 def probe(device: Device) -> dict[str, Any]:
@@ -69,26 +84,59 @@ def _probe_tcp(row: dict[str, Any], host: str, port: int, ok_text: str) -> dict[
     return row
 
 
-def _probe_rpc(row: dict[str, Any], device: Device, host: str, port: int) -> dict[str, Any]:
-    if not _resolve(row, host):
-        return row
-    if not port_open(host, port, PROBE_TIMEOUT_S):
-        row["reports"] = f"nothing answers at {host}:{port}"
-        return row
+def _tcp(row: dict[str, Any], host: str, port: int) -> bool:
+    """Whether something accepts TCP at host:port; else says what the network answered."""
     try:
-        from tvm import rpc
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except ConnectionRefusedError:
+        row["reports"] = f"connection refused at {host}:{port}: nothing listens there"
+    except (socket.timeout, TimeoutError):
+        row["reports"] = f"no answer from {host}:{port} within {PROBE_TIMEOUT_S:g}s"
+    except OSError as exc:
+        row["reports"] = f"cannot reach {host}:{port}: {exc.strerror or first_line(exc)}"
+    return False
 
-        sess = rpc.connect(host, port, session_timeout=30)
-        info = json.loads(sess.get_function("edgekit.device_info")())
-    except Exception as exc:
-        row["status"], row["reports"] = "unreachable", f"port open but not an edgekit daemon: {exc}"
+
+def _probe_rpc(row: dict[str, Any], device: Device, host: str, port: int) -> dict[str, Any]:
+    """Ask the daemon what it is, within a few seconds whatever listens there (a silent port,
+    a frozen daemon, a busy one); its TVM must be the host's."""
+    if not _resolve(row, host) or not _tcp(row, host, port):
         return row
-    row["status"], row["info"] = "reachable", info
+    import tvm  # only now: seconds to import, for a device that listens
+
+    from hostkit.errors import EdgekitError
+    from hostkit.transport.base import connect_rpc
+
+    quick = device.with_overrides(connect_timeout=PROBE_TIMEOUT_S, session_timeout=ANSWER_S,
+                                  stall_timeout=ANSWER_S)
+    try:
+        sess = connect_rpc(quick, host, port)
+    except EdgekitError as exc:
+        row["reports"] = exc.message
+        return row
+    watch = watch_of(sess)
+    try:
+        assert watch is not None
+        with watch.stage("connect"):
+            info = json.loads(sess.get_function("edgekit.device_info")())
+    except Exception as exc:
+        row["reports"] = f"answers RPC but is not an edgekit daemon: {first_line(exc)}"
+        return row
+    finally:
+        if watch is not None:
+            watch.close()
+    row["info"] = info
     row["reports"] = (f"{info.get('arch')} · {info.get('cores')} cores · "
                       f"{info.get('memory_bytes', 0) / 2**30:.1f} GiB · {info.get('os')} · "
                       f"TVM {info.get('tvm_version')}"
                       f"{' (runtime only)' if info.get('tvm_runtime_only') else ''}"
                       f"{_gpus(info)}")
+    if info.get("tvm_version") != tvm.__version__:
+        row["status"] = "wrong TVM"
+        row["reports"] += f" (this host has {tvm.__version__}; they must match)"
+    else:
+        row["status"] = "reachable"
     return row
 
 

@@ -41,9 +41,14 @@ class Change:
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    """The records of `edgekit bench --json` (a list) or `deploy --json` (one record)."""
+    """The records of `edgekit bench --json` (a list), `--jsonl` (one per line) or `deploy
+    --json` (one record)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # `--jsonl`: one record per line
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
     except FileNotFoundError as exc:
         raise EdgekitError(f"{path}: no such results file") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -328,7 +329,7 @@ def devices_table(console: Console, rows: Iterable[dict[str, Any]]) -> None:
     for name in ("device", "transport", "address", "target", "groups", "status", "reports"):
         table.add_column(name, overflow="fold")
     for row in rows:
-        colour = {"reachable": "green", "unreachable": "red"}.get(row["status"], "yellow")
+        colour = {"reachable": "green", "on demand": "yellow"}.get(row["status"], "red")
         table.add_row(escape(row["device"]), row["transport"], escape(row["address"]),
                       escape(row["target"]), escape(", ".join(row["groups"]) or "-"),
                       f"[{colour}]{row['status']}[/{colour}]", escape(row["reports"]))
@@ -370,6 +371,26 @@ def write_csv(path: Path, results: Sequence[RunResult]) -> None:
     for r in results:
         writer.writerow(_csv_row(r))
     write_text_atomic(path, buffer.getvalue())
+
+
+class JsonLines:
+    """`--jsonl FILE`: one record per line, written and flushed the moment a row is final, so a
+    host that dies mid-fleet keeps every row already measured."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "w", encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def write(self, result: RunResult) -> None:
+        with self.lock:
+            if not self.handle.closed:
+                self.handle.write(json.dumps(result.to_json(), default=str) + "\n")
+                self.handle.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.handle.close()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

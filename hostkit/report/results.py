@@ -80,6 +80,7 @@ class RunResult:
     device: str
     model: str
     target: str | None = None
+    requested: str | None = None  # the model as asked for (a name or a path): --rerun-failed
     status: str = "failed"
     error: str | None = None
     stage: str | None = None

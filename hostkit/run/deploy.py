@@ -12,12 +12,12 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from hostkit.defaults import DEFAULT_REPEAT, DEFAULT_WARMUP
-from hostkit.errors import EdgekitError, RemoteError
+from hostkit.errors import ConnectError, EdgekitError, RemoteError
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model
 from hostkit.report.results import Latency, RunResult
@@ -27,11 +27,12 @@ if TYPE_CHECKING:
     from hostkit.build.targets import ResolvedTarget
     from hostkit.run.remote import DeviceSession
 
-__all__ = ["RunOptions", "run_fleet", "run_on_device", "Step"]
+__all__ = ["RunOptions", "run_fleet", "run_on_device", "Step", "OnResult", "FleetInterrupted"]
 
 log = logging.getLogger("edgekit")
 
 Step = Callable[[str, str, str], None]  # (device, model, what is happening now)
+OnResult = Callable[[RunResult], None]  # a row that is final
 
 
 @dataclass(frozen=True)
@@ -68,28 +69,66 @@ class _ModelCache:
             return self._models[spec], self._references[spec]
 
 
+class FleetInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a fleet run: `results` holds every row, finished or marked interrupted."""
+
+    def __init__(self, results: list[RunResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+# Seconds an interrupted fleet run waits for its devices to let go of their sessions.
+INTERRUPT_GRACE_S = 5.0
+
+
 def run_fleet(devices: Sequence[Device], specs: Sequence[ModelSpec], options: RunOptions,
-              step: Step | None = None) -> list[RunResult]:
-    """Every model on every device, devices in parallel; results in (device, model) order."""
+              step: Step | None = None, on_result: OnResult | None = None) -> list[RunResult]:
+    """Every model on every device, devices in parallel; results in (device, model) order.
+
+    `on_result` sees each row as soon as it is final, from the device's thread. On Ctrl-C the
+    open sessions are cut (the daemons stop the abandoned work) and FleetInterrupted carries the
+    rows finished so far, the others marked interrupted.
+    """
+    from hostkit.transport.relay import close_all_relays
+
     models = _ModelCache()
+    rows = {d.name: [RunResult(device=d.name, model=s.name, emulated=d.emulated, requested=s.name)
+                     for s in specs] for d in devices}
     workers = max(1, min(len(devices), 8))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgekit-dev") as pool:
-        futures = [pool.submit(run_on_device, d, specs, options, models, step) for d in devices]
-        results: list[RunResult] = []
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgekit-dev")
+    futures = [pool.submit(run_on_device, d, specs, options, models, step, on_result,
+                           rows[d.name]) for d in devices]
+    try:
         for future in futures:
-            results.extend(future.result())
-    return results
+            future.result()
+    except KeyboardInterrupt:
+        partial = [r for d in devices for r in rows[d.name]]
+        final = {id(r) for r in partial if r.ok or r.error is not None}
+        close_all_relays()
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait(futures, timeout=INTERRUPT_GRACE_S)
+        for result in partial:
+            if id(result) not in final:
+                result.status = "failed"
+                result.error, result.stage = "interrupted (Ctrl-C) before it finished", "interrupted"
+        raise FleetInterrupted(partial) from None
+    pool.shutdown()
+    return [r for d in devices for r in rows[d.name]]
 
 
 def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOptions,
-                  models: _ModelCache | None = None, step: Step | None = None) -> list[RunResult]:
-    from hostkit.build.targets import check_cross_compiler, complete_from_device, resolve_target
-    from hostkit.run.remote import DeviceSession, check_versions
-    from hostkit.transport import make_transport
+                  models: _ModelCache | None = None, step: Step | None = None,
+                  on_result: OnResult | None = None,
+                  results: list[RunResult] | None = None) -> list[RunResult]:
+    """Every model on one device; one RunResult each, whatever happens (see the module doc)."""
+    from hostkit.build.targets import check_cross_compiler, resolve_target
 
     models = models or _ModelCache()
-    results = [RunResult(device=device.name, model=s.name, emulated=device.emulated) for s in specs]
+    if results is None:
+        results = [RunResult(device=device.name, model=s.name, emulated=device.emulated,
+                             requested=s.name) for s in specs]
     note = step or (lambda *_: None)
+    emit = _Emitter(on_result)
     try:
         note(device.name, "*", "resolving target")
         resolved = resolve_target(device)
@@ -98,17 +137,7 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         cross_cc = check_cross_compiler(device, resolved)
         if options.runtime == "cpp":
             _check_cpp(device, resolved)
-        note(device.name, "*", f"connecting to {device.address}")
-        with make_transport(device) as transport:
-            session = DeviceSession(transport, transport.session())
-            info = session.info()
-            check_versions(device.name, info)
-            resolved = complete_from_device(device, resolved, info)
-            for spec, result in zip(specs, results):
-                result.target = resolved.describe()
-                result.device_info = info
-                _run_one(session, device, spec, result, options, models, resolved, cross_cc, note)
-            session.close()
+        _connect_and_run(device, specs, results, options, models, resolved, cross_cc, note, emit)
     except EdgekitError as exc:
         for result in results:
             if result.status != "ok" and result.error is None:
@@ -118,7 +147,70 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         for result in results:
             if result.status != "ok" and result.error is None:
                 result.error, result.stage = f"unexpected error: {exc}", "internal"
+    for result in results:
+        emit(result)
     return results
+
+
+class _Emitter:
+    """Hands each row to `on_result` once, as soon as it is final."""
+
+    def __init__(self, on_result: OnResult | None) -> None:
+        self.on_result = on_result
+        self.done: set[int] = set()
+
+    def __call__(self, result: RunResult) -> None:
+        if self.on_result is not None and id(result) not in self.done:
+            self.done.add(id(result))
+            self.on_result(result)
+
+
+def _connect_and_run(device: Device, specs: Sequence[ModelSpec], results: list[RunResult],
+                     options: RunOptions, models: _ModelCache, resolved: "ResolvedTarget",
+                     cross_cc: str | None, note: Step, emit: Callable[[RunResult], None]) -> None:
+    """Connect (retrying a transient failure with backoff, `retries` times), then run each model.
+
+    Nothing is retried once a model started running on the device: a second try could measure
+    a board in another state, and half of a benchmark is not a result.
+    """
+    from hostkit.build.targets import complete_from_device
+    from hostkit.run.remote import DeviceSession, check_versions
+    from hostkit.transport import make_transport
+
+    for attempt in range(device.retries + 1):
+        started = False
+        try:
+            note(device.name, "*", f"connecting to {device.address}")
+            with make_transport(device) as transport:
+                transport.notify = lambda what: note(device.name, "*", what)
+                session = DeviceSession(transport, transport.session())
+                try:
+                    info = session.info()
+                    check_versions(device.name, info)
+                    resolved = complete_from_device(device, resolved, info)
+                    started = True
+                    for index, (spec, result) in enumerate(zip(specs, results)):
+                        result.target = resolved.describe()
+                        result.device_info = info
+                        _run_one(session, device, spec, result, options, models, resolved,
+                                 cross_cc, note)
+                        if result.ok or result.error is not None:
+                            emit(result)
+                        if session.lost:  # the rest would fail the same way: say it once each
+                            for rest in results[index + 1:]:
+                                rest.error, rest.stage = result.error, result.stage
+                                emit(rest)
+                            break
+                finally:
+                    session.close()
+            return
+        except ConnectError as exc:
+            if started or not exc.transient or attempt == device.retries:
+                raise
+            delay = min(2.0 ** attempt, 10.0)
+            note(device.name, "*", f"{exc.message}; trying again in {delay:g}s "
+                                   f"({attempt + 1} of {device.retries} retries)")
+            time.sleep(delay)
 
 
 def _check_cpp(device: Device, resolved: "ResolvedTarget") -> None:

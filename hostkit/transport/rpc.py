@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hostkit.boards.launch import Launcher, launcher_for
 from hostkit.errors import ConnectError, first_line
 from hostkit.inventory import Device
 from hostkit.net import port_open, resolve
-from hostkit.transport.base import Transport, connect_rpc
+from hostkit.transport.base import TURN_NOTICE_S, Transport, connect_rpc
 
 if TYPE_CHECKING:
     from tvm.rpc import RPCSession
@@ -43,7 +46,16 @@ class RpcTransport(Transport):
         return f"{self.host}:{self.port}{started}"
 
     def session(self) -> "RPCSession":
-        return connect_rpc(self.device, self.host, self.port)
+        return connect_rpc(self.device, self.host, self.port, notify=self.notify,
+                           log_tail=self.log_tail)
+
+    def log_tail(self) -> str:
+        """The last lines of the log of a daemon this transport started."""
+        path = getattr(self._launcher, "log_path", None)
+        if path is None or not Path(path).is_file():
+            return ""
+        lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines()]
+        return " | ".join([line for line in lines if line][-3:])
 
     def close(self) -> None:
         if self._launcher is not None:
@@ -67,20 +79,57 @@ class TrackerTransport(Transport):
         return host, int(port)
 
     def session(self) -> "RPCSession":
-        from tvm import rpc
-
+        """Ask the tracker for a free daemon (waiting, bounded, while all are busy), then
+        connect to it like any daemon, through a watched relay."""
         host, port = self._tracker_addr()
+        url, daemon_port, matchkey = self._request(host, port)
+        return connect_rpc(self.device, url, daemon_port, key=matchkey, notify=self.notify,
+                           hint=f"the tracker {host}:{port} handed out {url}:{daemon_port}; is "
+                                "that daemon still up?")
+
+    def _request(self, host: str, port: int) -> tuple[str, int, str]:
+        from tvm.rpc import base
+
+        device, waited = self.device, self.device.session_timeout
+        where = f"tracker {host}:{port}"
         try:
-            tracker = rpc.connect_tracker(host, port)
-            return tracker.request(self.device.key, priority=1,
-                                   session_timeout=self.device.session_timeout,
-                                   max_retry=3)
-        except Exception as exc:
-            raise ConnectError(f"tracker {host}:{port} gave no device for key "
-                               f"'{self.device.key}': {first_line(exc)}", device=self.device.name,
-                               stage="connect",
-                               hint="is a daemon registered with that key? see "
-                                    "`python -m tvm.exec.query_rpc_tracker`") from exc
+            sock = socket.create_connection((host, port), timeout=device.connect_timeout)
+        except OSError as exc:
+            raise ConnectError(f"cannot reach {where}: {exc.strerror or first_line(exc)}",
+                               device=device.name, stage="connect",
+                               hint="is `edgekit-device tracker` running there?") from exc
+        try:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise ConnectError(f"{where} is not a TVM RPC tracker", device=device.name,
+                                   stage="connect", hint="check `tracker:` in the inventory")
+            base.sendjson(sock, [base.TrackerCode.REQUEST, device.key, "", 1])
+            sock.settimeout(TURN_NOTICE_S)
+            try:
+                value = base.recvjson(sock)
+            except (socket.timeout, TimeoutError):
+                if self.notify:
+                    self.notify(f"waiting for a free '{device.key}' device from {where} (up to "
+                                f"{waited:g}s, session_timeout)")
+                sock.settimeout(waited)
+                value = base.recvjson(sock)
+        except (socket.timeout, TimeoutError) as exc:
+            raise ConnectError(f"busy: {where} had no free device for key '{device.key}' "
+                               f"within {waited:g}s (session_timeout)", device=device.name,
+                               stage="connect", transient=False, hint="every daemon with that key is in use or "
+                               "none is registered; see `python -m tvm.exec.query_rpc_tracker`"
+                               ) from exc
+        except (OSError, ValueError, struct.error) as exc:
+            raise ConnectError(f"{where} broke off the request for key '{device.key}': "
+                               f"{first_line(exc)}", device=device.name, stage="connect",
+                               hint="is the tracker still running?") from exc
+        finally:
+            sock.close()
+        if not (isinstance(value, list) and value and value[0] == base.TrackerCode.SUCCESS):
+            raise ConnectError(f"{where} refused the request for key '{device.key}': {value!r}",
+                               device=device.name, stage="connect")
+        url, daemon_port, matchkey = value[1]
+        return str(url), int(daemon_port), str(matchkey)
 
     def boards(self) -> int:
         """The daemons registered under the device's key, busy or free (at least 1)."""

@@ -2,8 +2,8 @@
 
 The board's daemon never listens on a network address: edgekit starts it (if nothing answers) bound
 to the board's 127.0.0.1 and forwards a port on the host's 127.0.0.1 to it, like `ssh -L`. Host
-keys are checked against known_hosts; artifacts travel by SFTP and are renamed into the board's
-store only once their sha256 matches.
+keys are checked against known_hosts; artifacts travel by SFTP (or, on boards without it, through
+`cat` on an exec channel) and are renamed into the board's store only once their sha256 matches.
 
 Pieces: `sshconn.SshConnection` (the verified, authenticated link), `tunnel.SshTunnel` (the port
 forward, in a child process), and here the board-side checks and the transport itself.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from hostkit.errors import ConnectError, TransferError, first_line
 from hostkit.inventory import Device
-from hostkit.transport.base import Progress, Transport, connect_rpc
+from hostkit.transport.base import Progress, Transport, connect_rpc, watch_of
 from hostkit.transport.sshconn import SshConnection
 from hostkit.transport.tunnel import SshTunnel
 
@@ -222,7 +222,20 @@ class SshTransport(Transport):
             raise ConnectError("the ssh transport is not open", device=self.device.name,
                                stage="connect")
         return connect_rpc(self.device, "127.0.0.1", self.tunnel.port,
-                           hint=f"try `edgekit doctor --device {self.device.name}`")
+                           hint=f"try `edgekit doctor --device {self.device.name}`",
+                           notify=self.notify, log_tail=self.log_tail)
+
+    def log_tail(self) -> str:
+        """The last lines of the board's daemon log, when this transport started the daemon."""
+        conn = self.conn
+        if self.daemon_pid is None or conn is None or not conn.alive:
+            return ""
+        log_file = f"{conn.work_dir}/daemon-{self.device.ssh.rpc_port}.log"
+        try:
+            tail = conn.run(f"tail -n 3 {shlex.quote(log_file)}", timeout=10).stdout
+        except ConnectError:
+            return ""
+        return " | ".join(line.strip() for line in tail.splitlines() if line.strip())
 
     def put_artifact(self, sess: "RPCSession", path: Path, sha256: str,
                      progress: Progress | None = None) -> None:
@@ -237,9 +250,18 @@ class SshTransport(Transport):
         final = f"{self.store_dir}/{sha256}{path.suffix}"
         part = f"{self.store_dir}/.{sha256}.part"
         size = path.stat().st_size
+        watch = watch_of(sess)
+
+        def sent(done: int, total: int) -> None:
+            # The copy bypasses the RPC relay: tell the session's watchdog it is moving.
+            if watch is not None:
+                watch.progress()
+            if progress is not None:
+                progress(done, total)
+
         try:
             conn.check(f"mkdir -p {shlex.quote(self.store_dir)}", stage="upload")
-            conn.sftp().put(str(path), part, callback=progress, confirm=True)
+            conn.put(str(path), part, callback=sent)
         except BaseException as exc:
             _discard(conn, part)
             if not isinstance(exc, Exception):
@@ -282,6 +304,6 @@ class SshTransport(Transport):
 
 def _discard(conn: SshConnection, part: str) -> None:
     try:
-        conn.sftp().remove(part)
+        conn.remove(part)
     except Exception:  # noqa: S110 - the connection may be gone; a part file is never loaded
         pass

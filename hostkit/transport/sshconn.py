@@ -8,10 +8,11 @@ names user@host:port and says what to do; no key material is ever printed.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from hostkit.errors import ConnectError, RemoteError, first_line
 from hostkit.inventory import Device
@@ -65,6 +66,7 @@ class SshConnection:
         self.client: paramiko.SSHClient | None = None
         self._pinned_key = pinned_key
         self._sftp: paramiko.SFTPClient | None = None
+        self._no_sftp: bool | None = None
         self._work_dir: str | None = None
 
     @property
@@ -129,6 +131,11 @@ class SshConnection:
             return error(f"ssh login as {self.target} refused with {used}",
                          "wrong key? check ssh.key_file and ssh.user, and the board's "
                          "~/.ssh/authorized_keys")
+        if isinstance(exc, paramiko.SSHException) and any(
+                text in str(exc) for text in ("protocol banner", "No existing session")):
+            return error(f"what answers at {host}:{port} does not speak SSH "
+                         f"({first_line(exc)})", "is ssh.port the board's SSH port? the "
+                         "daemon's own port is ssh.rpc_port, reached through the tunnel")
         if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
             return error(f"host key of {host}:{port} is unknown (not in {known})",
                          f"check it, then trust it with `ssh-keyscan -p {port} {host} >> "
@@ -183,12 +190,69 @@ class SshConnection:
         return result
 
     def sftp(self) -> "paramiko.SFTPClient":
+        """The SFTP session; ConnectError (one line) when the board's sshd has no SFTP."""
         if self._sftp is None:
+            import paramiko
+
             assert self.client is not None, "connect() first"
-            self._sftp = self.client.open_sftp()
+            try:
+                self._sftp = self.client.open_sftp()
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                self._no_sftp = True
+                raise ConnectError(f"ssh at {self.target} offers no SFTP subsystem "
+                                   f"({first_line(exc)})", device=self.device.name, stage="ssh",
+                                   hint="enable it in the board's sshd (dropbear needs "
+                                        "sftp-server installed)") from exc
         return self._sftp
 
+    @property
+    def has_sftp(self) -> bool:
+        """Whether SFTP works here (dropbear images often lack it); asked once."""
+        if self._no_sftp is None:
+            try:
+                self.sftp()
+                self._no_sftp = False
+            except ConnectError:
+                self._no_sftp = True
+        return not self._no_sftp
+
+    def put(self, local: str, remote: str,
+            callback: Callable[[int, int], None] | None = None) -> None:
+        """Copy a file to the board: by SFTP, or without it through `cat` on an exec channel.
+
+        The caller checks the copy's sha256 on the board either way.
+        """
+        if self.has_sftp:
+            self.sftp().put(local, remote, callback=callback, confirm=True)
+            return
+        total = os.path.getsize(local)
+        channel = self.transport.open_session()
+        try:
+            channel.exec_command(f"cat > {shlex.quote(remote)}")
+            done = 0
+            with open(local, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 16), b""):
+                    channel.sendall(block)
+                    done += len(block)
+                    if callback:
+                        callback(done, total)
+            channel.shutdown_write()
+            code = channel.recv_exit_status()
+            if code != 0:
+                err = channel.recv_stderr(4096).decode(errors="replace").strip()
+                raise OSError(f"`cat > {remote}` exited with code {code}: {err[-200:]}")
+        finally:
+            channel.close()
+
+    def remove(self, path: str) -> None:
+        if self.has_sftp:
+            self.sftp().remove(path)
+        else:
+            self.run(f"rm -f {shlex.quote(path)}", timeout=30)
+
     def exists(self, path: str) -> bool:
+        if not self.has_sftp:
+            return self.run(f"test -e {shlex.quote(path)}", timeout=30).code == 0
         try:
             self.sftp().stat(path)
             return True
@@ -201,7 +265,9 @@ class SshConnection:
         if self._work_dir is None:
             work = self.ssh.work_dir.rstrip("/") or "/"
             if work == "~" or work.startswith("~/"):
-                work = self.sftp().normalize(".").rstrip("/") + work[1:]
+                home = self.sftp().normalize(".") if self.has_sftp else \
+                    self.run("cd && pwd", timeout=30).stdout.strip()
+                work = home.rstrip("/") + work[1:]
             self._work_dir = work
         return self._work_dir
 

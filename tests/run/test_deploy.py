@@ -102,7 +102,7 @@ def test_bench_unreachable_device_is_a_failed_row(daemon: Any, write_inventory: 
     rows = {r["device"]: r for r in _json(capsys)}
     assert rows["dev"]["status"] == "ok"
     assert rows["gone"]["status"] == "failed" and rows["gone"]["stage"] == "connect"
-    assert "cannot reach 127.0.0.1:9" in rows["gone"]["error"]
+    assert "connection refused at 127.0.0.1:9" in rows["gone"]["error"]
     assert "edgekit devices" in rows["gone"]["error"]
     with open(out_csv, encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
@@ -212,10 +212,15 @@ def test_devices_lists_reachability(daemon: Any, write_inventory: Any,
         "nowhere": {"target": {"kind": "llvm"}, "host": "no-such-board.invalid"},
         "emb": {"target": {"kind": "llvm"}, "host": "127.0.0.1", "port": 9, "managed": "local"},
     }})
-    assert main(["devices", "-i", str(inv), "--json"]) == 0
-    rows = {r["device"]: r for r in _json(capsys)}
+    # Exit 1: two devices do not answer, and the one line on stderr names them.
+    assert main(["devices", "-i", str(inv), "--json"]) == 1
+    captured = capsys.readouterr()
+    rows = {r["device"]: r for r in json.loads(captured.out)}
+    assert captured.err.strip() == ("edgekit: error: 2 of 4 devices did not answer as they "
+                                    "should (unreachable, silent or another TVM): gone, nowhere")
     assert rows["dev"]["status"] == "reachable" and rows["dev"]["info"]["cores"] >= 1
     assert rows["gone"]["status"] == "unreachable"
+    assert rows["gone"]["reports"].startswith("connection refused at 127.0.0.1:9")
     assert "cannot resolve host no-such-board.invalid" in rows["nowhere"]["reports"]
     assert rows["emb"]["status"] == "on demand"
 

@@ -50,3 +50,29 @@ def test_foreign_daemon_is_named(tmp_path: Path, write_inventory: Any,
     finally:
         proc.kill()
         proc.wait()
+
+
+OLD_TVM = FOREIGN.replace('lambda: "hello from another tool"',
+                          """lambda: '{"tvm_version": "0.19.0", "arch": "aarch64"}'""")
+
+
+def test_devices_exits_1_for_a_daemon_with_another_tvm(tmp_path: Path, write_inventory: Any,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-c", OLD_TVM, str(port_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        inv = write_inventory({"devices": {"old": {"target": {"kind": "llvm"},
+                                                   "port": int(port_file.read_text())}}})
+        assert main(["devices", "-i", str(inv)]) == 1
+        captured = capsys.readouterr()
+        assert "wrong TVM" in captured.out and "TVM 0.19.0" in captured.out
+        assert captured.err.strip() == ("edgekit: error: 1 of 1 devices did not answer as they "
+                                        "should (unreachable, silent or another TVM): old")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -80,8 +80,9 @@ class Sshd:
                 self.proc.wait()
 
 
-def start_sshd(root: Path, attempts: int = 3) -> Sshd:
-    """Start sshd on a free 127.0.0.1 port; it lives until `stop()`."""
+def start_sshd(root: Path, attempts: int = 3, sftp: bool = True) -> Sshd:
+    """Start sshd on a free 127.0.0.1 port; it lives until `stop()`. `sftp=False` leaves out
+    the SFTP subsystem, as many dropbear images do."""
     root.mkdir(parents=True, exist_ok=True)
     host_pub = _keygen(root / "host_ed25519", "edgekit-test-host")
     user_pub = _keygen(root / "user_ed25519", "edgekit-test-user")
@@ -107,7 +108,7 @@ def start_sshd(root: Path, attempts: int = 3) -> Sshd:
             "StrictModes no",
             "AllowTcpForwarding local",
             "X11Forwarding no",
-            "Subsystem sftp internal-sftp",
+            "Subsystem sftp internal-sftp" if sftp else "",
             "LogLevel VERBOSE",
             "",
         ]), encoding="utf-8")

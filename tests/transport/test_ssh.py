@@ -24,7 +24,7 @@ from sshd import Sshd, free_port, sshd_missing, start_sshd, write_inventory
 
 from hostkit.defaults import cache_dir
 from hostkit.errors import ConnectError, TransferError
-from hostkit.inventory import Device, load_inventory
+from hostkit.inventory import Device, SshSettings, load_inventory
 from hostkit.transport import make_transport
 from hostkit.transport.ssh import SshTransport
 from hostkit.transport.sshconn import SshConnection
@@ -449,3 +449,38 @@ def test_profile_over_ssh(tmp_path: Path, sshd: Sshd, capsys: pytest.CaptureFixt
     names = [row["name"] for row in result["profile"]["rows"]]
     assert any(name.startswith("conv2d 3x3 3->16 @32x32") for name in names), names
     assert result["memory"]["peak_rss_mb"] >= result["memory"]["idle_rss_mb"]
+
+
+def test_deploy_over_ssh_without_sftp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A board whose sshd has no SFTP subsystem (dropbear images): the artifact goes through
+    `cat` on an exec channel, checked by its sha256 on the board like an SFTP copy."""
+    from hostkit.cli import main
+
+    server = start_sshd(tmp_path / "sshd", sftp=False)
+    try:
+        with SshConnection(_device(tmp_path, server)).connect() as conn:
+            assert not conn.has_sftp
+        inv = write_inventory(tmp_path / "inventory.yaml", server, python=sys.executable)
+        assert main(["deploy", "-i", str(inv), "-d", "sshbox", "tinycnn", "--repeat", "3",
+                     "--input-shape", "1,3,44,44", "--json"]) == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out)
+        assert result["status"] == "ok" and result["uploaded"] is True
+        store = tmp_path / "board" / "artifacts"
+        assert (store / f"{result['artifact_sha256']}.so").is_file()
+        assert not list(store.glob(".*.part")), "no staging file is left behind"
+    finally:
+        server.stop()
+
+
+def test_ssh_device_at_a_port_that_is_not_ssh(tmp_path: Path, daemon: Any) -> None:
+    """An RPC daemon's port given as ssh.port: one line saying it is not SSH, fast."""
+    device = Device(name="wrong", target={"kind": "llvm"}, transport="ssh", host="127.0.0.1",
+                    connect_timeout=5.0,
+                    ssh=SshSettings(port=daemon.port, known_hosts=str(tmp_path / "kh")))
+    start = time.monotonic()
+    with pytest.raises(ConnectError) as caught:
+        SshConnection(device).connect()
+    assert caught.value.stage == "ssh"
+    assert caught.value.message.startswith(
+        f"what answers at 127.0.0.1:{daemon.port} does not speak SSH")
+    assert time.monotonic() - start <= 10

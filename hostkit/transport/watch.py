@@ -1,0 +1,89 @@
+"""Stall detection: a device that makes no progress for `stall_timeout` fails, however long the
+work it is doing may take.
+
+Every blocking RPC call runs inside `Watch.stage(name)`. The session's relay (its own process,
+see `relay_process.py`) times the stage: bytes passing and the host's progress marks (a
+benchmark reports after every chunk of runs) reset the clock; when neither came for
+`stall_timeout`, it cuts the connection, the blocked call returns, and the stage raises "stopped
+answering during <stage>". Between stages (the host compiling, say) nothing is expected of the
+device and nothing is timed. A daemon that closed the connection itself is told apart: it crashed
+or was killed, and the message says so, with the last lines of its log when edgekit started it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from hostkit.errors import EdgekitError, RemoteError, first_line
+from hostkit.transport.relay import Relay
+
+__all__ = ["Watch", "LogTail"]
+
+LogTail = Callable[[], str]  # the last lines of the daemon's log, "" when edgekit cannot see it
+
+
+class Watch:
+    """One RPC session's watchdog: `stage()` around each call, `progress()` between chunks."""
+
+    def __init__(self, device: str, relay: Relay, stall_timeout: float, address: str,
+                 log_tail: LogTail | None = None) -> None:
+        self.device = device
+        self.relay = relay
+        self.stall_timeout = stall_timeout
+        self.address = address
+        self.log_tail = log_tail or (lambda: "")
+
+    def progress(self) -> None:
+        """The host saw the device advance (a chunk of a benchmark came back)."""
+        self.relay.progress()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Run one blocking step; a stall or a vanished daemon becomes one clear RemoteError."""
+        self.relay.stage(name)
+        try:
+            yield
+        except EdgekitError as exc:
+            raise self.failure(name, exc) or exc
+        except Exception as exc:
+            failure = self.failure(name, exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            self.relay.stage(None)
+
+    def failure(self, stage: str, exc: BaseException | None) -> RemoteError | None:
+        """The error to report when the session is gone, or None while it is healthy."""
+        if not (self.relay.closed or self.relay.peer_closed or self.relay.stalled_in):
+            self.relay.settle(1.0 if exc is not None and _closed_text(exc) else 0.2)
+        if self.relay.stalled_in is not None:
+            return RemoteError(
+                f"stopped answering during {stage}: no progress for {self.stall_timeout:g}s "
+                f"(stall_timeout) at {self.address}", device=self.device, stage=stage,
+                hint="the daemon or the board froze, or the link dropped; check it with "
+                     f"`edgekit doctor --device {self.device}`, and raise stall_timeout if one "
+                     "step of this model really takes longer")
+        if self.relay.cut_by_host and not self.relay.peer_closed:
+            return RemoteError(f"edgekit closed the session during {stage} (interrupted)",
+                               device=self.device, stage=stage)
+        if self.relay.peer_closed or (exc is not None and _closed_text(exc)):
+            tail = self.log_tail()
+            shown = f"; its log ends: {tail}" if tail else ""
+            return RemoteError(
+                f"the daemon at {self.address} closed the connection during {stage}: it "
+                f"crashed or was killed (out of memory on the board?){shown}",
+                device=self.device, stage=stage,
+                hint="restart it (`edgekit-device serve`) and look at the board's memory "
+                     "(`dmesg | grep -i oom`); then run again")
+        return None
+
+    def close(self) -> None:
+        self.relay.close()
+
+
+def _closed_text(exc: BaseException) -> bool:
+    """TVM's words for a session whose socket ended under it."""
+    text = first_line(exc) + str(exc)[-400:]
+    return "kShutdown" in text or "connection reset" in text.lower()
