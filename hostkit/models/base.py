@@ -62,6 +62,21 @@ class LoadedModel:
         self.output_names = [name for name, _ in named]
         return [value.detach().cpu().numpy() for _, value in named]
 
+    def finish(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The device's outputs as PyTorch's model gives them: a detector's per-detection mask
+        probabilities are pasted into the image on the host (`hostkit.models.detection`)."""
+        if self.family != "detection" or "masks" not in self.output_names:
+            return outputs
+        from hostkit.models.detection import paste_masks
+
+        names = dict(zip(self.output_names, range(len(outputs))))
+        masks, boxes = outputs[names["masks"]], outputs[names["boxes"]]
+        if len(outputs) != len(self.output_names) or masks.ndim != 4:
+            return outputs
+        finished = list(outputs)
+        finished[names["masks"]] = paste_masks(masks, boxes, tuple(self.inputs[0].shape[-2:]))
+        return finished
+
     def exported(self) -> Any:
         """The ExportedProgram TVM imports."""
         if self.program is None:
@@ -70,9 +85,14 @@ class LoadedModel:
             args = tuple(torch.from_numpy(x) for x in self.inputs)
             # A failed export prints the whole traced graph (thousands of lines) on stderr; the
             # exception says what matters, and _export_error keeps that in one line.
+            patches: Any = contextlib.nullcontext()
+            if self.family == "detection":
+                from hostkit.models.detection import exportable
+
+                patches = exportable()
             try:
                 with contextlib.redirect_stderr(io.StringIO()), \
-                        contextlib.redirect_stdout(io.StringIO()):
+                        contextlib.redirect_stdout(io.StringIO()), patches:
                     self.program = torch.export.export(self._module, args)
             except Exception as exc:
                 raise ModelError(_export_error(self.name, exc), stage="export") from exc

@@ -1,0 +1,185 @@
+"""The one import seam: an ExportedProgram into Relax, with what TVM 0.27's PyTorch importer lacks
+for data-dependent shapes (detectors' post-processing).
+
+Every model goes through `to_relax`; the rest of edgekit never sees how. On top of TVM's
+`ExportedProgramImporter` it adds, through the importer's own `custom_convert_map`:
+
+- `torchvision::nms` as `relax.op.vision.all_class_non_max_suppression` on one class, whose
+  output is trimmed to the boxes kept, so the count of detections comes out of the VM as it is;
+- `aten.index.Tensor` with a boolean mask (`boxes[scores > t]`) as `nonzero` + `take`, where TVM's
+  own converter would `take` with a bool tensor;
+- `aten.topk` with a data-dependent k (`min(k, n)` after a score filter) as a descending argsort
+  and a slice, where TVM's op needs k known at compile time;
+- `aten.nonzero` (`torch.where(mask)`), which TVM's importer lacks, as `relax.op.nonzero`
+  transposed to torch's layout (one row per element found);
+- `torch.sym_min` on sizes, as a TIR `min`.
+
+Sizes torch.export leaves data-dependent (unbacked symbols) become TIR variables bound by
+`match_cast` at run time, one per symbol, so every later shape agrees with them. And every
+converter's result is cast to the dtype torch.export recorded for that node when TVM's differs
+(TVM keeps `arange(n) + 0.5` int64, where torch promotes it to float32).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    import tvm
+
+__all__ = ["to_relax", "CONVERTED_OPS"]
+
+# What edgekit converts itself, by the importer's names for the targets.
+CONVERTED_OPS = ("nms.default", "index.Tensor", "topk.default", "sym_min", "nonzero.default")
+
+
+def to_relax(program: "torch.export.ExportedProgram") -> "tvm.IRModule":
+    """`program` as a Relax module with its weights bound as constants."""
+    importer = _importer_class()()
+    converters: dict[str, Callable[..., Any]] = {
+        "nms.default": _nms, "index.Tensor": _index_tensor,
+        "topk.default": _topk, "sym_min": _sym_min, "nonzero.default": _nonzero}
+    return importer.from_exported_program(program.run_decompositions(), False, False, False,
+                                          converters)
+
+
+def _importer_class() -> type:
+    from tvm import relax
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    class Importer(ExportedProgramImporter):
+        """TVM's importer, each converter checked against the dtype torch recorded."""
+
+        def __init__(self) -> None:
+            self.symbols: dict[str, Any] = {}
+            super().__init__()
+
+        def create_convert_map(self) -> dict[str, Callable[..., Any]]:
+            return {name: self._dtype_checked(f) for name, f in super().create_convert_map().items()}
+
+        def _dtype_checked(self, convert: Callable[..., Any]) -> Callable[..., Any]:
+            import torch
+
+            def run(node: Any) -> Any:
+                out = convert(node)
+                val = node.meta.get("val")
+                if isinstance(out, relax.Expr) and isinstance(val, torch.Tensor) \
+                        and isinstance(getattr(out, "ty", None), relax.TensorType):
+                    want = self._convert_data_type(val.dtype)
+                    if str(out.ty.dtype) != want:
+                        out = self.block_builder.emit(relax.op.astype(out, want))
+                return out
+
+            return run
+
+    return Importer
+
+
+def _size(imp: Any, size: Any) -> Any:
+    """A size of torch.export's as a TIR expression: an int as it is, a data-dependent symbol as
+    one TIR variable per symbol (bound by the first `match_cast` that meets it)."""
+    import tvm
+
+    if isinstance(size, int):
+        return size
+    key = str(size.node.expr)
+    return imp.symbols.setdefault(key, tvm.tirx.Var(key, "int64"))
+
+
+def _nms(node: Any, imp: Any) -> Any:
+    """torchvision's NMS: indices of the kept boxes, by decreasing score.
+
+    TVM's NMS suppresses at IoU >= t where torchvision suppresses at IoU > t, so the threshold is
+    moved up by one float32 step; and it treats scores <= 0 as already suppressed, so it gets the
+    boxes sorted by score with scores n, n-1, ..., 1 (their ranks), and the kept positions are
+    mapped back through the sort.
+    """
+    from tvm import relax
+
+    boxes, scores, iou = imp.retrieve_args(node)
+    bb = imp.block_builder
+    count = node.args[0].meta["val"].shape[0]
+    n = imp.shape_of(boxes)[0]
+    order = bb.emit(relax.op.argsort(scores, axis=0, descending=True, dtype="int64"))
+    ranked = bb.emit(relax.op.arange(relax.prim_value(n), relax.prim_value(0),
+                                     relax.prim_value(-1), "float32"))
+    threshold = float(np.nextafter(np.float32(iou), np.float32(2)))
+    found = bb.emit(relax.op.vision.all_class_non_max_suppression(
+        bb.emit(relax.op.expand_dims(bb.emit(relax.op.take(boxes, order, axis=0)), 0)),
+        bb.emit(relax.op.reshape(ranked, [1, 1, n])),
+        relax.const(_upper_bound(count), "int64"), relax.const(threshold, "float32"),
+        relax.const(0.0, "float32"), "onnx"))
+    kept = _size(imp, node.meta["val"].shape[0])
+    rows = bb.match_cast(bb.emit(relax.TupleGetItem(found, 0)),
+                         relax.TensorType([kept, 3], "int64"))
+    positions = bb.emit(relax.op.reshape(
+        bb.emit(relax.op.strided_slice(rows, axes=[1], begin=[2], end=[3])), [kept]))
+    return bb.emit(relax.op.take(order, positions, axis=0))
+
+
+def _upper_bound(size: Any) -> int:
+    """The most boxes NMS can see: TVM sizes its output by it before trimming."""
+    if isinstance(size, int):
+        return size
+    upper = size.node.shape_env.bound_sympy(size.node.expr).upper
+    if not upper.is_finite:
+        raise ValueError(f"NMS over a number of boxes with no upper bound ({size.node.expr})")
+    return int(upper)
+
+
+def _index_tensor(node: Any, imp: Any) -> Any:
+    from tvm import relax
+
+    data, indices = imp.retrieve_args(node)
+    masks = [i for i in indices if i is not None and str(i.ty.dtype) == "bool"]
+    if not masks:
+        return imp._index_tensor(node)
+    if len(indices) != 1 or indices[0].ty.ndim != 1:
+        raise ValueError("indexing with a boolean mask is supported on the first axis only "
+                         f"({node.format_node()[:120]})")
+    bb = imp.block_builder
+    kept = _size(imp, node.meta["val"].shape[0])
+    where = bb.match_cast(bb.emit(relax.op.nonzero(indices[0])),
+                          relax.TensorType([1, kept], "int64"))
+    return bb.emit(relax.op.take(data, bb.emit(relax.op.reshape(where, [kept])), axis=0))
+
+
+def _topk(node: Any, imp: Any) -> Any:
+    from tvm import relax
+
+    args = imp.retrieve_args(node)
+    x, k = args[0], args[1]
+    if isinstance(k, int):
+        return imp._topk(node)
+    dim = args[2] if len(args) > 2 else -1
+    largest = args[3] if len(args) > 3 else True
+    if x.ty.ndim != 1 or dim not in (0, -1) or not largest:
+        raise ValueError(f"topk with a data-dependent k on a {x.ty.ndim}-d tensor "
+                         f"(dim {dim}, largest {largest}) is not supported")
+    bb = imp.block_builder
+    order = bb.emit(relax.op.argsort(x, axis=0, descending=True, dtype="int64"))
+    first = bb.emit(relax.op.strided_slice(order, axes=[0], begin=[0], end=[k]))
+    first = bb.match_cast(first, relax.TensorType([_size(imp, node.meta["val"][0].shape[0])],
+                                                  "int64"))
+    return bb.emit(relax.Tuple([bb.emit(relax.op.take(x, first, axis=0)), first]))
+
+
+def _nonzero(node: Any, imp: Any) -> Any:
+    from tvm import relax
+
+    (x,) = imp.retrieve_args(node)[:1]
+    bb = imp.block_builder
+    found, rank = node.meta["val"].shape
+    where = bb.match_cast(bb.emit(relax.op.nonzero(x)),
+                          relax.TensorType([rank, _size(imp, found)], "int64"))
+    return bb.emit(relax.op.permute_dims(where, [1, 0]))
+
+
+def _sym_min(node: Any, imp: Any) -> Any:
+    import tvm
+
+    a, b = imp.retrieve_args(node)
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else tvm.tirx.min(a, b)
