@@ -6,6 +6,8 @@ Every model goes through `to_relax`; the rest of edgekit never sees how. On top 
 
 - `torchvision::nms` as `relax.op.vision.all_class_non_max_suppression` on one class, whose
   output is trimmed to the boxes kept, so the count of detections comes out of the VM as it is;
+- edgekit's `edgekit::nms_by_class` (`hostkit.models.detection`: NMS within each class of C x N
+  candidates) as the same TVM op with one class per batch row;
 - `aten.index.Tensor` with a boolean mask (`boxes[scores > t]`) as `nonzero` + `take`, where TVM's
   own converter would `take` with a bool tensor;
 - `aten.topk` with a data-dependent k (`min(k, n)` after a score filter) as a descending argsort
@@ -16,8 +18,9 @@ Every model goes through `to_relax`; the rest of edgekit never sees how. On top 
 
 Sizes torch.export leaves data-dependent (unbacked symbols) become TIR variables bound by
 `match_cast` at run time, one per symbol, so every later shape agrees with them. And every
-converter's result is cast to the dtype torch.export recorded for that node when TVM's differs
-(TVM keeps `arange(n) + 0.5` int64, where torch promotes it to float32).
+converter's result is cast to the dtype torch.export recorded for that node when TVM's differs,
+and a binary op whose result torch records as float computes in float (TVM keeps
+`arange(n) + 0.5` int64 and drops the 0.5, where torch promotes it to float32).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["to_relax", "CONVERTED_OPS"]
 
 # What edgekit converts itself, by the importer's names for the targets.
-CONVERTED_OPS = ("nms.default", "index.Tensor", "topk.default", "sym_min", "nonzero.default")
+CONVERTED_OPS = ("nms.default", "nms_by_class.default", "index.Tensor", "topk.default",
+                 "sym_min", "nonzero.default")
 
 
 def to_relax(program: "torch.export.ExportedProgram") -> "tvm.IRModule":
@@ -41,7 +45,8 @@ def to_relax(program: "torch.export.ExportedProgram") -> "tvm.IRModule":
     importer = _importer_class()()
     converters: dict[str, Callable[..., Any]] = {
         "nms.default": _nms, "index.Tensor": _index_tensor,
-        "topk.default": _topk, "sym_min": _sym_min, "nonzero.default": _nonzero}
+        "topk.default": _topk, "sym_min": _sym_min, "nonzero.default": _nonzero,
+        "nms_by_class.default": _nms_by_class}
     return importer.from_exported_program(program.run_decompositions(), False, False, False,
                                           converters)
 
@@ -59,6 +64,47 @@ def _importer_class() -> type:
 
         def create_convert_map(self) -> dict[str, Callable[..., Any]]:
             return {name: self._dtype_checked(f) for name, f in super().create_convert_map().items()}
+
+        def _binary_op(self, relax_op: Any, intrinsic_op: Any) -> Callable[..., Any]:
+            # TVM gives a Python scalar the tensor's dtype, so `arange(n) + 0.5` stays int64
+            # and loses the 0.5 (SSD's anchor centres): an int operand of an op whose result
+            # torch records as float is cast to that float first, as torch promotes it.
+            import torch
+
+            convert = super()._binary_op(relax_op, intrinsic_op)
+
+            def promoted(node: Any) -> Any:
+                val = node.meta.get("val")
+                if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+                    return convert(node)
+                want = self._convert_data_type(val.dtype)
+                saved = {}
+                for arg in node.args:
+                    held = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+                    ty = getattr(held, "ty", None)
+                    if isinstance(ty, relax.TensorType) and not str(ty.dtype).startswith(
+                            ("float", "bfloat")):
+                        saved[arg] = held
+                        self.env[arg] = self.block_builder.emit(relax.op.astype(held, want))
+                try:
+                    return convert(node)
+                finally:
+                    self.env.update(saved)
+
+            return promoted
+
+        def _div(self, node: Any) -> Any:
+            # TVM makes an int divisor an int32 constant, which an int64 tensor refuses
+            # (`kept // 91`); torch takes the scalar in the tensor's dtype.
+            args = self.retrieve_args(node)
+            x, divisor = args[0], args[1]
+            mode = args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+            if mode == "floor" and isinstance(divisor, int) \
+                    and isinstance(getattr(x, "ty", None), relax.TensorType) \
+                    and str(x.ty.dtype).startswith("int"):
+                return self.block_builder.emit(
+                    relax.op.floor_divide(x, relax.const(divisor, str(x.ty.dtype))))
+            return super()._div(node)
 
         def _dtype_checked(self, convert: Callable[..., Any]) -> Callable[..., Any]:
             import torch
@@ -118,6 +164,55 @@ def _nms(node: Any, imp: Any) -> Any:
     positions = bb.emit(relax.op.reshape(
         bb.emit(relax.op.strided_slice(rows, axes=[1], begin=[2], end=[3])), [kept]))
     return bb.emit(relax.op.take(order, positions, axis=0))
+
+
+def _nms_by_class(node: Any, imp: Any) -> Any:
+    """edgekit::nms_by_class: (class, index) rows of the kept candidates by decreasing score.
+
+    Scores become ranks (the best valid candidate C*N, invalid ones 0), so TVM's NMS, which
+    keeps scores above 0, sees exactly the valid ones in the same order; its rows come class by
+    class and are put back in rank order at the end.
+    """
+    from tvm import relax
+
+    boxes, scores, valid, iou = imp.retrieve_args(node)
+    bb = imp.block_builder
+    classes, n = imp.shape_of(scores)
+    flat = bb.emit(relax.op.reshape(scores, [classes * n]))
+    flat_valid = bb.emit(relax.op.reshape(valid, [classes * n]))
+    lowest = relax.const(float("-inf"), "float32")
+    order = bb.emit(relax.op.argsort(bb.emit(relax.op.where(flat_valid, flat, lowest)),
+                                     axis=0, descending=True, dtype="int64"))
+    position = bb.emit(relax.op.argsort(order, axis=0, dtype="int64"))
+    total = bb.emit(relax.op.astype(bb.emit(relax.op.shape_to_tensor(
+        relax.ShapeExpr([classes * n]))), "float32"))
+    rank = bb.emit(relax.op.subtract(total, bb.emit(relax.op.astype(position, "float32"))))
+    rank = bb.emit(relax.op.where(flat_valid, rank, relax.const(0.0, "float32")))
+    threshold = float(np.nextafter(np.float32(iou), np.float32(2)))
+    found = bb.emit(relax.op.vision.all_class_non_max_suppression(
+        boxes, bb.emit(relax.op.reshape(rank, [classes, 1, n])),
+        relax.const(_upper_bound(node.args[1].meta["val"].shape[1]), "int64"),
+        relax.const(threshold, "float32"), relax.const(0.0, "float32"), "onnx"))
+    kept = _size(imp, node.meta["val"].shape[0])
+    rows = bb.match_cast(bb.emit(relax.TupleGetItem(found, 0)),
+                         relax.TensorType([kept, 3], "int64"))
+    label = bb.emit(relax.op.strided_slice(rows, axes=[1], begin=[0], end=[1]))
+    index = bb.emit(relax.op.strided_slice(rows, axes=[1], begin=[2], end=[3]))
+    flat_index = bb.emit(relax.op.reshape(bb.emit(relax.op.add(
+        bb.emit(relax.op.multiply(label, _int64(bb, n))), index)),
+        [kept]))
+    by_rank = bb.emit(relax.op.argsort(bb.emit(relax.op.take(rank, flat_index, axis=0)),
+                                       axis=0, descending=True, dtype="int64"))
+    pairs = bb.emit(relax.op.concat([label, index], axis=1))
+    return bb.emit(relax.op.take(pairs, by_rank, axis=0))
+
+
+def _int64(bb: Any, size: Any) -> Any:
+    """A size (int or TIR expression) as a 0-d int64 tensor."""
+    from tvm import relax
+
+    return bb.emit(relax.op.reshape(bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([size]))),
+                                    []))
 
 
 def _upper_bound(size: Any) -> int:

@@ -24,6 +24,9 @@ def load_program_file(spec: ModelSpec) -> LoadedModel:
     from hostkit.models.pt2e import register_quantized_ops
 
     register_quantized_ops()
+    from hostkit.models.detection import nms_op
+
+    nms_op()  # a detector saved through `exportable()` calls edgekit::nms_by_class
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
