@@ -181,7 +181,6 @@ def _nms_by_class(boxes: Any, scores: Any, valid: Any, iou_threshold: float,
     """Detections from per-class candidates (boxes C x N x 4, scores and valid C x N, class c
     being label c + 1): NMS within each class, the kept ones by decreasing score, at most
     `limit`, as torchvision's `batched_nms` and `keep[:limit]` give them."""
-    import torch
 
     kept = nms_op()(boxes, scores, valid, iou_threshold)[:limit]
     label, index = kept[:, 0], kept[:, 1]
