@@ -67,14 +67,14 @@ def exportable() -> Iterator[None]:
     boxes.batched_nms = _batched_nms
     transform.paste_masks_in_image = _unpasted
     poolers._multiscale_roi_align = _multiscale_roi_align
-    ssd.SSD.postprocess_detections = _ssd_postprocess  # type: ignore[method-assign]
-    roi_heads.RoIHeads.postprocess_detections = _roi_postprocess  # type: ignore[method-assign]
+    ssd.SSD.postprocess_detections = _ssd_postprocess
+    roi_heads.RoIHeads.postprocess_detections = _roi_postprocess
     try:
         yield
     finally:
         (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
          ssd.SSD.postprocess_detections,
-         roi_heads.RoIHeads.postprocess_detections) = saved  # type: ignore[method-assign]
+         roi_heads.RoIHeads.postprocess_detections) = saved
 
 
 def _batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float) -> Any:

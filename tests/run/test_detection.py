@@ -117,3 +117,29 @@ def test_mask_rcnn_with_masks_pasted_on_the_host(daemon: Any, write_inventory: A
     check = _assert_matched(result, err)
     assert check["outputs"] == ["boxes", "labels", "scores", "masks"]
     assert check["masks"] == check["matched"] and check["min_mask_iou"] >= 0.99
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_saved_detector_program(daemon: Any, write_inventory: Any, tmp_path: Path) -> None:
+    """A detector saved as .pt2 through `exportable()`: its NMS is edgekit's custom op, which
+    loading registers; the outputs are named, so the check is the detection one."""
+    import torch
+    import torchvision
+
+    from hostkit.models.detection import detector_kwargs, exportable
+    from hostkit.models.init import live_init
+
+    name, shape = "ssdlite320_mobilenet_v3_large", (1, 3, 320, 320)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                         **detector_kwargs(name, shape, seeded=True))
+    live_init(model, shape, seed=3)
+    saved = tmp_path / "ssd.pt2"
+    with exportable():
+        program = torch.export.export(model.eval(), (torch.rand(shape),))
+    torch.export.save(program, saved)
+    code, result, err = _deploy(_inventory(write_inventory, daemon), str(saved))
+    assert result is not None, err
+    check = _assert_matched(result, err)
+    assert check["outputs"] == ["boxes", "scores", "labels"]
