@@ -62,20 +62,16 @@ class LoadedModel:
         self.output_names = [name for name, _ in named]
         return [value.detach().cpu().numpy() for _, value in named]
 
-    def finish(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The device's outputs as PyTorch's model gives them: a detector's per-detection mask
-        probabilities are pasted into the image on the host (`hostkit.models.detection`)."""
-        if self.family != "detection" or "masks" not in self.output_names:
-            return outputs
+    def mask_paster(self) -> Any:
+        """For a detector with masks: a function pasting per-detection mask probabilities
+        (N x 1 x 28 x 28) into the input image at given boxes, as the model does after the
+        part that runs on the device (`hostkit.models.detection`); None otherwise."""
+        if self.family != "detection":
+            return None
         from hostkit.models.detection import paste_masks
 
-        names = dict(zip(self.output_names, range(len(outputs))))
-        masks, boxes = outputs[names["masks"]], outputs[names["boxes"]]
-        if len(outputs) != len(self.output_names) or masks.ndim != 4:
-            return outputs
-        finished = list(outputs)
-        finished[names["masks"]] = paste_masks(masks, boxes, tuple(self.inputs[0].shape[-2:]))
-        return finished
+        image_hw = tuple(self.inputs[0].shape[-2:])
+        return lambda masks, boxes: paste_masks(masks, boxes, image_hw)
 
     def exported(self) -> Any:
         """The ExportedProgram TVM imports."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -79,7 +80,8 @@ class Check:
 
 
 def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
-                    family: str = "classification", names: list[str] | None = None) -> Check:
+                    family: str = "classification", names: list[str] | None = None,
+                    paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> Check:
     """Compare every output; a different count or shape is a problem named in words.
 
     A first output of rank 4 (N x C x H x W, C > 1) is compared as a segmentation map whatever
@@ -90,7 +92,7 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
     if len(got) != len(want):
         return _unmatched(f"the device returned {len(got)} outputs, PyTorch {len(want)}")
     if names is not None and {"boxes", "scores", "labels"} <= set(names):
-        return _detections(dict(zip(names, got)), dict(zip(names, want)))
+        return _detections(dict(zip(names, got)), dict(zip(names, want)), paste)
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return _unmatched(f"output {i} has shape {_dims(g.shape)} on the device, "
@@ -115,10 +117,11 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
     return Check(diff, ref_max, rel, cosine, top1, top5, family=family, top3_match=top3)
 
 
-def _detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> Check:
+def _detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> Check:
     """A detector's outputs: matched one to one; the summary's differences are the matched
     boxes' (in pixels, against the largest coordinate) and scores'."""
-    found = compare_detections(got, want)
+    found = compare_detections(got, want, paste)
     ref_max = float(np.max(np.abs(want["boxes"]))) if want["boxes"].size else 0.0
     diff = max(found.max_box_px, found.max_score_diff)
     rel = diff / ref_max if ref_max > 0 and math.isfinite(diff) else math.inf

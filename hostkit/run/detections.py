@@ -9,14 +9,17 @@ A check passes when at least `MIN_DETECTIONS` detections were compared (two empt
 short ones, prove nothing), every detection is matched, the matched boxes' corners differ by at
 most `BOX_PX` pixels and their scores by at most `SCORE_DIFF`, and, for instance segmentation,
 every matched pair of masks (thresholded at 0.5, as torchvision's users do) overlaps with an IoU
-of at least `MASK_IOU`. fp32 builds land far inside these (boxes within 1e-3 px); a device that
-computes something else moves boxes by pixels and scores in the second decimal.
+of at least `MASK_IOU`. fp32 builds land inside these (measured: SSDlite boxes within 0.01 px
+and scores 4e-5, Mask R-CNN's 0.05 px and 2.5e-4, float sums in another order through 50
+layers); a device that computes something else moves boxes by pixels and scores in the second
+decimal, and loses matches.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -25,8 +28,8 @@ __all__ = ["DetectionCheck", "compare_detections", "MIN_DETECTIONS", "MATCH_IOU"
 
 MIN_DETECTIONS = 10
 MATCH_IOU = 0.5
-BOX_PX = 0.05
-SCORE_DIFF = 1e-4
+BOX_PX = 0.25
+SCORE_DIFF = 1e-3
 MASK_IOU = 0.99
 
 
@@ -79,13 +82,25 @@ class DetectionCheck:
         return out
 
 
-def compare_detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
+def compare_detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                       paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
                        ) -> DetectionCheck:
-    """Match the device's detections (`boxes`, `scores`, `labels`, optional `masks` pasted into
-    the image) to PyTorch's, by output name."""
+    """Match the device's detections (`boxes`, `scores`, `labels`, optional `masks`) to
+    PyTorch's, by output name. Device masks of another size than PyTorch's (28 x 28 per
+    detection, where PyTorch pasted them into the image) are pasted by `paste` at the matched
+    PyTorch box, so the masks are compared on their own and the boxes on theirs (pasting rounds
+    a box to whole pixels, and a box 0.01 px away may round the other way)."""
     boxes_got, boxes_want = got["boxes"].reshape(-1, 4), want["boxes"].reshape(-1, 4)
     labels_got, labels_want = got["labels"].ravel(), want["labels"].ravel()
     pairs = _match(boxes_want, labels_want, boxes_got, labels_got)
+    masks_got = got.get("masks")
+    if masks_got is not None and "masks" in want and paste is not None and pairs \
+            and masks_got.shape[1:] != want["masks"].shape[1:]:
+        rows = [j for _, j in pairs]
+        pasted = paste(masks_got[rows], boxes_want[[i for i, _ in pairs]])
+        masks_got = np.zeros((len(boxes_got), *pasted.shape[1:]), pasted.dtype)
+        masks_got[rows] = pasted
+        got = {**got, "masks": masks_got}
     box_px = score_diff = 0.0
     mask_iou: float | None = None
     for i, j in pairs:

@@ -18,7 +18,7 @@ import pytest
 
 from hostkit.cli import main
 from hostkit.run.check import compare_outputs
-from hostkit.run.detections import BOX_PX, MIN_DETECTIONS
+from hostkit.run.detections import BOX_PX, MIN_DETECTIONS, SCORE_DIFF
 
 NAMES = ["boxes", "scores", "labels"]
 
@@ -86,7 +86,7 @@ def _assert_matched(result: dict[str, Any], err: str) -> dict[str, Any]:
     assert check["family"] == "detection"
     assert check["detections"] >= MIN_DETECTIONS
     assert check["matched"] == check["detections"] == check["device_detections"]
-    assert check["max_box_px"] <= BOX_PX and check["max_score_diff"] <= 1e-4
+    assert check["max_box_px"] <= BOX_PX and check["max_score_diff"] <= SCORE_DIFF
     return check
 
 
