@@ -168,6 +168,7 @@ def _nms(node: Any, imp: Any) -> Any:
 
     boxes, scores, iou = imp.retrieve_args(node)
     bb = imp.block_builder
+    boxes, scores = _shaped(imp, boxes, node.args[0]), _shaped(imp, scores, node.args[1])
     count = node.args[0].meta["val"].shape[0]
     n = imp.shape_of(boxes)[0]
     order = bb.emit(relax.op.argsort(scores, axis=0, descending=True, dtype="int64"))
@@ -234,6 +235,18 @@ def _int64(bb: Any, size: Any) -> Any:
 
     return bb.emit(relax.op.reshape(bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([size]))),
                                     []))
+
+
+def _shaped(imp: Any, value: Any, source: Any) -> Any:
+    """`value` with a known shape: where TVM's converters lost it (a gather by data-dependent
+    indices), the shape torch.export recorded, bound at run time."""
+    from tvm import relax
+
+    if imp.shape_of(value) is not None:
+        return value
+    val = source.meta["val"]
+    dims = [_size(imp, d) for d in val.shape]
+    return imp.block_builder.match_cast(value, relax.TensorType(dims, str(value.ty.dtype)))
 
 
 def _upper_bound(size: Any) -> int:
