@@ -21,7 +21,9 @@ build runs several times faster than TVM's matmul by a transposed weight.
 
 Sizes torch.export leaves data-dependent (unbacked symbols) become TIR variables bound by
 `match_cast` at run time, one per symbol, so every later shape agrees with them. And every
-converter's result is cast to the dtype torch.export recorded for that node when TVM's differs,
+converter's result is cast to the dtype torch.export recorded for that node when TVM's differs
+(and given the shape torch.export recorded where TVM's converter lost it, e.g. a gather by
+data-dependent indices, so that later ops can be lowered),
 and a binary op whose result torch records as float computes in float (TVM keeps
 `arange(n) + 0.5` int64 and drops the 0.5, where torch promotes it to float32).
 """
@@ -138,6 +140,7 @@ def _importer_class() -> type:
                     want = self._convert_data_type(val.dtype)
                     if str(out.ty.dtype) != want:
                         out = self.block_builder.emit(relax.op.astype(out, want))
+                    out = _shaped(self, out, node)
                 return out
 
             return run
@@ -242,9 +245,9 @@ def _shaped(imp: Any, value: Any, source: Any) -> Any:
     indices), the shape torch.export recorded, bound at run time."""
     from tvm import relax
 
-    if imp.shape_of(value) is not None:
+    val = source.meta.get("val")
+    if imp.shape_of(value) is not None or val is None or len(val.shape) != value.ty.ndim:
         return value
-    val = source.meta["val"]
     dims = [_size(imp, d) for d in val.shape]
     return imp.block_builder.match_cast(value, relax.TensorType(dims, str(value.ty.dtype)))
 
