@@ -52,8 +52,25 @@ def to_relax(program: "torch.export.ExportedProgram") -> "tvm.IRModule":
         "nms.default": _nms, "index.Tensor": _index_tensor,
         "topk.default": _topk, "sym_min": _sym_min, "nonzero.default": _nonzero,
         "nms_by_class.default": _nms_by_class}
+    shaped = {name: _keeps_shape(convert) for name, convert in converters.items()}
     return importer.from_exported_program(program.run_decompositions(), False, False, False,
-                                          converters)
+                                          shaped)
+
+
+def _keeps_shape(convert: Callable[..., Any]) -> Callable[..., Any]:
+    """An edgekit converter whose result gets torch.export's recorded shape where TVM's
+    converter it calls (for indices without a mask, TVM's own) lost it."""
+    import torch
+    from tvm import relax
+
+    def run(node: Any, imp: Any) -> Any:
+        out = convert(node, imp)
+        if isinstance(node.meta.get("val"), torch.Tensor) \
+                and isinstance(getattr(out, "ty", None), relax.TensorType):
+            out = _shaped(imp, out, node)
+        return out
+
+    return run
 
 
 def _importer_class() -> type:
@@ -149,14 +166,28 @@ def _importer_class() -> type:
 
 
 def _size(imp: Any, size: Any) -> Any:
-    """A size of torch.export's as a TIR expression: an int as it is, a data-dependent symbol as
-    one TIR variable per symbol (bound by the first `match_cast` that meets it)."""
-    import tvm
-
+    """A size of torch.export's as a TIR expression: an int as it is; a data-dependent one in
+    terms of one TIR variable per unbacked symbol (bound by the first `match_cast` that meets
+    it), so `min(1000, u0)` reached by two paths is the same expression and shapes agree."""
     if isinstance(size, int):
         return size
-    key = str(size.node.expr)
-    return imp.symbols.setdefault(key, tvm.tirx.Var(key, "int64"))
+    return _tir(imp, size.node.expr)
+
+
+def _tir(imp: Any, expr: Any) -> Any:
+    import functools
+    import operator
+
+    import tvm
+
+    if expr.is_Integer:
+        return int(expr)
+    combine = {"Add": operator.add, "Mul": operator.mul, "Min": tvm.tirx.min,
+               "Max": tvm.tirx.max}.get(type(expr).__name__)
+    if expr.is_Symbol or combine is None:
+        key = str(expr)
+        return imp.symbols.setdefault(key, tvm.tirx.Var(key, "int64"))
+    return functools.reduce(combine, [_tir(imp, arg) for arg in expr.args])
 
 
 def _nms(node: Any, imp: Any) -> Any:
