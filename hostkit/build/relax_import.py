@@ -16,8 +16,9 @@ Every model goes through `to_relax`; the rest of edgekit never sees how. On top 
   transposed to torch's layout (one row per element found);
 - `torch.sym_min` on sizes, as a TIR `min`.
 
-Linear layers become TOPI's dense over rows of input and weight (`_addmm`), which an untuned
-build runs several times faster than TVM's matmul by a transposed weight.
+Linear layers over a data-dependent number of rows (Mask R-CNN's box head) become TOPI's dense
+over rows of input and weight (`_addmm`), which an untuned build runs several times faster than
+TVM's matmul by a transposed weight.
 
 Sizes torch.export leaves data-dependent (unbacked symbols) become TIR variables bound by
 `match_cast` at run time, one per symbol, so every later shape agrees with them. And every
@@ -115,10 +116,12 @@ def _importer_class() -> type:
             return promoted
 
         def _addmm(self, node: Any) -> Any:
-            # A linear layer (`bias + x @ w.T`) as TOPI's dense over rows of x and w: an
+            # A linear layer (`bias + x @ w.T`) over a data-dependent number of rows as TOPI's
+            # dense over rows of x and w: an
             # untuned build loops naively, and matmul by the transposed weight walks its
             # columns, missing the cache at every step (measured 4x slower; Mask R-CNN's box
             # head multiplies up to 1000 x 12544 by 12544 x 1024).
+            import tvm
             from tvm import topi
 
             bias, x, right = node.args[:3]
@@ -129,8 +132,11 @@ def _importer_class() -> type:
                     or node.kwargs.get("beta", 1) != 1:
                 return super()._addmm(node)
             lhs, weight = self.env[x], self.env[right.args[0]]
+            rows = self.shape_of(lhs)[0] if self.shape_of(lhs) is not None else None
+            # Only rows counted at run time (detections, proposals): a static linear layer
+            # stays TVM's matmul, which the int8 lowering (hostkit.build.int8) rewrites.
             if lhs.ty.ndim != 2 or str(lhs.ty.dtype) != "float32" \
-                    or str(weight.ty.dtype) != "float32":
+                    or str(weight.ty.dtype) != "float32" or isinstance(rows, tvm.tirx.IntImm):
                 return super()._addmm(node)
             dense = self.block_builder.emit_te(topi.nn.dense, lhs, weight)
             return self.block_builder.emit(relax.op.add(self.env[bias], dense))
