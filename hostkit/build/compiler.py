@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,11 @@ def import_relax(model: LoadedModel) -> "tvm.IRModule":
 
 def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, Any] | None]:
     """`import_relax`, plus for an int8 model what was lowered to int8 and what stayed fp32."""
-    from tvm.relax.frontend.torch import from_exported_program
+    from hostkit.build.relax_import import to_relax
 
     program = model.exported()
     try:
-        mod = from_exported_program(program, keep_params_as_input=False)
+        mod = to_relax(program)
     except Exception as exc:
         raise CompileError(_import_error(model.name, exc, program), stage="import") from exc
     if model.precision != "int8":

@@ -62,6 +62,17 @@ class LoadedModel:
         self.output_names = [name for name, _ in named]
         return [value.detach().cpu().numpy() for _, value in named]
 
+    def mask_paster(self) -> Any:
+        """For a detector with masks: a function pasting per-detection mask probabilities
+        (N x 1 x 28 x 28) into the input image at given boxes, as the model does after the
+        part that runs on the device (`hostkit.models.detection`); None otherwise."""
+        if self.family != "detection":
+            return None
+        from hostkit.models.detection import paste_masks
+
+        image_hw = tuple(self.inputs[0].shape[-2:])
+        return lambda masks, boxes: paste_masks(masks, boxes, image_hw)
+
     def exported(self) -> Any:
         """The ExportedProgram TVM imports."""
         if self.program is None:
@@ -70,9 +81,14 @@ class LoadedModel:
             args = tuple(torch.from_numpy(x) for x in self.inputs)
             # A failed export prints the whole traced graph (thousands of lines) on stderr; the
             # exception says what matters, and _export_error keeps that in one line.
+            patches: Any = contextlib.nullcontext()
+            if self.family == "detection":
+                from hostkit.models.detection import exportable
+
+                patches = exportable()
             try:
                 with contextlib.redirect_stderr(io.StringIO()), \
-                        contextlib.redirect_stdout(io.StringIO()):
+                        contextlib.redirect_stdout(io.StringIO()), patches:
                     self.program = torch.export.export(self._module, args)
             except Exception as exc:
                 raise ModelError(_export_error(self.name, exc), stage="export") from exc

@@ -21,9 +21,11 @@ def load_program_file(spec: ModelSpec) -> LoadedModel:
     path = Path(spec.name)
     if not path.is_file():
         raise ModelError(f"model file {path} not found", stage="model")
+    from hostkit.models.detection import nms_op
     from hostkit.models.pt2e import register_quantized_ops
 
     register_quantized_ops()
+    nms_op()  # a detector saved through `exportable()` calls edgekit::nms_by_class
     try:
         program = torch.export.load(str(path))
     except Exception as exc:

@@ -3,9 +3,8 @@
 No model hub is reachable, so torchvision models get seeded random weights, initialised from data
 so their outputs carry signal (`hostkit.models.init`), unless `--weights` gives a state dict.
 Segmenters return a dict (`out`, and `aux` when built with it): its entries become the model's
-named outputs. Detectors are listed, but `torch.export` stops at a data-dependent guard in
-torchvision's post-processing (NMS, score thresholds) on torch 2.14; loading one tries the export
-at once and names the guard, before any device is touched.
+named outputs. Detectors (`hostkit.models.detection`) are built for the input's own size, with a
+score threshold of 0 when seeded, and return `boxes`, `scores`, `labels` (and `masks`).
 """
 
 from __future__ import annotations
@@ -18,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input, split_named
+from hostkit.models.detection import DEFAULT_SHAPE as DETECTION_SHAPE
+from hostkit.models.detection import DEFAULT_SHAPES as DETECTION_SHAPES
+from hostkit.models.detection import detector_kwargs
 from hostkit.models.init import INIT_METHOD, live_init
 from hostkit.models.inputs import IMAGE_SUFFIXES, describe, read_input
 
@@ -84,6 +86,8 @@ def load_named(spec: ModelSpec) -> LoadedModel:
     else:
         module = torchvision.models.get_model(spec.name, weights=None, **_no_downloads(family))
         default_shape = DEFAULT_SHAPES.get(spec.name, DEFAULT_SHAPE)
+        if family == "detection":
+            default_shape = DETECTION_SHAPES.get(spec.name, DETECTION_SHAPE)
         transforms = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
     given = [read_input(Path(split_named(entry)[1]), spec.name, transforms)
              for entry in spec.inputs]
@@ -91,10 +95,12 @@ def load_named(spec: ModelSpec) -> LoadedModel:
         raise ModelError(f"{spec.name} takes one input; got {len(given)} --input files",
                          stage="model")
     shape = tuple(given[0].shape) if given else (spec.input_shape or default_shape)
-    if family == "detection":  # fails here, naming the guard, before any device is touched
-        module.eval()
-        LoadedModel(name=spec.name, program=None, inputs=given or [make_input(shape, spec.seed)],
-                    identity="", _module=module, family=family).exported()
+    built = ""
+    if family == "detection":  # built for the input's size, with a low threshold when seeded
+        kwargs = detector_kwargs(spec.name, shape, seeded=spec.weights is None)
+        module = torchvision.models.get_model(spec.name, weights=None, **_no_downloads(family),
+                                              **kwargs)
+        built = f"|{sorted(kwargs.items())}"
     if spec.weights is not None:
         _load_weights(module, spec.weights, spec.name)
         origin = f"weights={spec.weights.name}"
@@ -103,7 +109,7 @@ def load_named(spec: ModelSpec) -> LoadedModel:
         origin = f"seed={spec.seed}|init={INIT_METHOD}"
     module.eval()
     inputs = given or [make_input(shape, spec.seed)]
-    identity = _hash_module(f"{spec.name}|{origin}", module, shape)
+    identity = _hash_module(f"{spec.name}|{origin}{built}", module, shape)
     model = LoadedModel(name=spec.name, program=None, inputs=inputs, identity=identity,
                         _module=module, family=family,
                         preprocessing=describe(transforms) if _has_image(spec) else None)

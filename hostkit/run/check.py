@@ -9,17 +9,21 @@ computes something else. Beside it the check reports the absolute difference, th
 magnitude (so a reader sees what was compared), the cosine similarity, and what fits the model's
 family: top-1/top-5 agreement for a classifier's logits; for a segmenter (first output N x C x H x
 W), the share of pixels whose class (argmax over C) agrees, which must be at least
-`PIXEL_AGREEMENT`, since a relative error on logits can hide a few flipped classes near ties.
+`PIXEL_AGREEMENT`, since a relative error on logits can hide a few flipped classes near ties; for
+a detector, its detections matched one to one (`hostkit.run.detections`), which replaces the
+relative error, since the device's count of detections may differ from PyTorch's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from hostkit.defaults import CHECK_RTOL
+from hostkit.run.detections import DetectionCheck, compare_detections
 
 __all__ = ["RTOL", "PIXEL_AGREEMENT", "Check", "compare_outputs"]
 
@@ -40,8 +44,11 @@ class Check:
     top3_match: bool | None = None  # the label set int8 checks compare (top-3, as is customary)
     pixels: int | None = None  # segmentation: pixels compared
     pixel_agreement: float | None = None  # segmentation: share of pixels with the same class
+    detection: DetectionCheck | None = None  # detection: detections matched one to one
 
     def passed(self, rtol: float = RTOL) -> bool:
+        if self.detection is not None:
+            return self.problem is None and self.detection.problem() is None
         if self.pixel_agreement is not None and self.pixel_agreement < PIXEL_AGREEMENT:
             return False
         return self.problem is None and self.rel_err <= rtol
@@ -49,7 +56,9 @@ class Check:
     def details(self) -> dict[str, object]:
         """What was compared, for the summary and `--json` (`check`)."""
         out: dict[str, object] = {"family": self.family, "outputs_ref_max": self.ref_max}
-        if self.family == "segmentation":
+        if self.detection is not None:
+            out.update(self.detection.details())
+        elif self.family == "segmentation":
             out.update(pixels=self.pixels, pixel_agreement=self.pixel_agreement)
         else:
             out.update(top1=self.top1_match, top3=self.top3_match, top5=self.top5_match)
@@ -59,6 +68,8 @@ class Check:
         """One line saying why the check failed."""
         if self.problem is not None:
             return self.problem
+        if self.detection is not None and self.detection.problem() is not None:
+            return str(self.detection.problem())
         if self.pixel_agreement is not None and self.pixel_agreement < PIXEL_AGREEMENT:
             return (f"segmentation differs from PyTorch: {self.pixel_agreement:.4%} of "
                     f"{self.pixels} pixels have the same class (at least {PIXEL_AGREEMENT:.1%} "
@@ -69,14 +80,19 @@ class Check:
 
 
 def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
-                    family: str = "classification") -> Check:
+                    family: str = "classification", names: list[str] | None = None,
+                    paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> Check:
     """Compare every output; a different count or shape is a problem named in words.
 
     A first output of rank 4 (N x C x H x W, C > 1) is compared as a segmentation map whatever
-    `family` says, so a saved program of a segmenter gets the pixel check too.
+    `family` says, so a saved program of a segmenter gets the pixel check too; outputs named
+    `boxes`, `scores` and `labels` (a detector's, or a saved program of one) are compared as
+    detections (`hostkit.run.detections`), whose count may differ.
     """
     if len(got) != len(want):
         return _unmatched(f"the device returned {len(got)} outputs, PyTorch {len(want)}")
+    if names is not None and {"boxes", "scores", "labels"} <= set(names):
+        return _detections(dict(zip(names, got)), dict(zip(names, want)), paste)
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return _unmatched(f"output {i} has shape {_dims(g.shape)} on the device, "
@@ -99,6 +115,17 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
                      pixels=int(classes_want.size), pixel_agreement=agreement)
     top1, top3, top5 = _topk(got[0], want[0])
     return Check(diff, ref_max, rel, cosine, top1, top5, family=family, top3_match=top3)
+
+
+def _detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> Check:
+    """A detector's outputs: matched one to one; the summary's differences are the matched
+    boxes' (in pixels, against the largest coordinate) and scores'."""
+    found = compare_detections(got, want, paste)
+    ref_max = float(np.max(np.abs(want["boxes"]))) if want["boxes"].size else 0.0
+    diff = max(found.max_box_px, found.max_score_diff)
+    rel = diff / ref_max if ref_max > 0 and math.isfinite(diff) else math.inf
+    return Check(diff, ref_max, rel, None, None, None, family="detection", detection=found)
 
 
 def _topk(got: np.ndarray, want: np.ndarray) -> tuple[bool | None, bool | None, bool | None]:

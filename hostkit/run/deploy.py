@@ -311,7 +311,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         note(device.name, spec.name, "first inference")
         outputs, first_ms = loaded.run(model.inputs)
         result.first_inference_ms = first_ms
-        check = compare_outputs(outputs, reference, model.family)
+        check = compare_outputs(outputs, reference, model.family, model.output_names,
+                                paste=model.mask_paster())
         result.check = {**check.details(), "outputs": model.output_names}
         result.preprocessing = model.preprocessing
         result.max_abs_diff, result.rel_err = check.max_abs_diff, check.rel_err

@@ -68,6 +68,20 @@ def test_resnet18_on_the_board(board_inventory: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.slow
+def test_ssdlite_detector_on_the_board(board_inventory: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A detector cross-compiled for aarch64: its count of detections comes out of the board's
+    VM, matched one to one against PyTorch on the host."""
+    result = _deploy(board_inventory, "ssdlite320_mobilenet_v3_large", capsys, "--repeat", "1",
+                     "--warmup", "0")
+    assert result["status"] == "ok", result["error"]
+    check = result["check"]
+    assert check["family"] == "detection" and check["detections"] >= 10
+    assert check["matched"] == check["detections"] == check["device_detections"]
+    assert elf_machine(Path(result["artifact_path"]).read_bytes()[:64]) == "aarch64"
+
+
+@pytest.mark.slow
 def test_tune_on_the_board_then_deploy_tuned(board_inventory: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Candidates cross-compiled here and timed on the board over RPC; deploy applies them."""

@@ -1,0 +1,218 @@
+"""Detectors: torchvision's detection and instance-segmentation models, built to be exported.
+
+Three things stand between torchvision's detectors and `torch.export` on torch 2.14, and each is
+met while exporting only (`exportable()`), never in the model PyTorch's reference runs:
+
+- `batched_nms` branches on `boxes.numel() == 0` and on the box count (a data-dependent guard at
+  torchvision/ops/boxes.py:86); its coordinate-offset path gives the same answer for every count,
+  so the export takes that path, and `torchvision::nms` stays one operator (its registered fake
+  gives the kept count an unbacked size) for the importer to map onto TVM's NMS;
+- Mask R-CNN's `paste_masks_in_image` loops in Python over the detections, pasting each 28x28
+  mask into the image: the exported program returns the per-detection 28x28 mask probabilities,
+  and `paste_masks` pastes them on the host with torchvision's own function, before the check;
+- Faster/Mask R-CNN's multi-scale RoIAlign sizes a tensor by the number of boxes and scatters
+  each pyramid level's rows into it: the export pools every box at every level and selects;
+- SSD's post-processing loops over its 90 classes (a score filter and a top-k of data-dependent
+  size each), and Faster/Mask R-CNN's runs one NMS over every (proposal, class) pair, 90 times
+  the proposals, which TVM's NMS (quadratic in its input) cannot finish: the export keeps the
+  candidates class by class and calls `edgekit::nms_by_class` (`nms_op`), NMS within each
+  class, which PyTorch runs with torchvision's `batched_nms` and TVM with its all-class NMS;
+- the detectors resize their input inside the model (Faster/Mask R-CNN and RetinaNet to an 800
+  short side): edgekit builds them with `min_size`/`max_size` at the input's own size, so the
+  network sees the input as given (an image file is decoded at its size; SSD keeps its fixed
+  320 or 300 square).
+
+Seeded random weights put few boxes above torchvision's score thresholds, and two empty lists
+are no check, so a seeded detector is built with a score threshold of 0 (every box NMS keeps, up
+to the model's per-image limit). With `--weights` the thresholds are torchvision's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["DEFAULT_SHAPES", "detector_kwargs", "exportable", "paste_masks", "OUTPUTS"]
+
+# SSD resizes to its fixed square; the others see the input at its own size.
+DEFAULT_SHAPES = {"ssd300_vgg16": (1, 3, 300, 300)}
+DEFAULT_SHAPE = (1, 3, 320, 320)
+# What a detector returns for one image, in torchvision's order.
+OUTPUTS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+
+
+def detector_kwargs(name: str, shape: tuple[int, ...], seeded: bool) -> dict[str, Any]:
+    """Constructor arguments: the input's own size for the R-CNN/RetinaNet/FCOS resize, and a
+    score threshold of 0 for seeded weights (so the check compares many detections)."""
+    kwargs: dict[str, Any] = {}
+    if not name.startswith("ssd"):
+        kwargs.update(min_size=min(shape[-2:]), max_size=max(shape[-2:]))
+    if seeded:
+        rcnn = "rcnn" in name
+        kwargs["box_score_thresh" if rcnn else "score_thresh"] = 0.0
+    return kwargs
+
+
+@contextlib.contextmanager
+def exportable() -> Iterator[None]:
+    """torchvision's detection code made exportable, for the duration of one `torch.export`."""
+    from torchvision.models.detection import roi_heads, ssd, transform
+    from torchvision.ops import boxes, poolers
+
+    nms_op()
+    saved = (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
+             ssd.SSD.postprocess_detections, roi_heads.RoIHeads.postprocess_detections)
+    boxes.batched_nms = _batched_nms
+    transform.paste_masks_in_image = _unpasted
+    poolers._multiscale_roi_align = _multiscale_roi_align
+    ssd.SSD.postprocess_detections = _ssd_postprocess
+    roi_heads.RoIHeads.postprocess_detections = _roi_postprocess
+    try:
+        yield
+    finally:
+        (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
+         ssd.SSD.postprocess_detections,
+         roi_heads.RoIHeads.postprocess_detections) = saved
+
+
+def _batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float) -> Any:
+    """torchvision's `_batched_nms_coordinate_trick` without its branches on the box count (none
+    kept from no boxes either way; its per-class path above 4000 boxes keeps the same boxes)."""
+    import torch
+
+    max_coordinate = boxes.max()
+    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    return torch.ops.torchvision.nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def _unpasted(masks: Any, boxes: Any, img_shape: Any, padding: int = 1) -> Any:
+    return masks
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """Per-detection mask probabilities (N x 1 x 28 x 28) pasted into the image (N x 1 x H x W)
+    at their boxes, by torchvision's `paste_masks_in_image`, as the model does after export."""
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    with torch.no_grad():
+        pasted = paste_masks_in_image(torch.from_numpy(np.ascontiguousarray(masks)),
+                                      torch.from_numpy(np.ascontiguousarray(boxes)), image_hw)
+    return pasted.numpy()
+
+
+def _multiscale_roi_align(x_filtered: list[Any], boxes: list[Any], output_size: list[int],
+                          sampling_ratio: int, scales: list[float] | None,
+                          mapper: Any) -> Any:
+    """torchvision's multi-scale RoIAlign with the same result, without its per-level scatter:
+    it sizes a zero tensor by `len(rois)` and writes each level's rows into it, two
+    data-dependent steps; here every level pools every box and each box keeps its own level's
+    pooling (a selection, so the values are the same)."""
+    import torch
+    from torchvision.ops import poolers, roi_align
+
+    if scales is None or mapper is None:
+        raise ValueError("scales and mapper should not be None")
+    rois = poolers._convert_to_roi_format(boxes)
+    if len(x_filtered) == 1:
+        return roi_align(x_filtered[0], rois, output_size=output_size, spatial_scale=scales[0],
+                         sampling_ratio=sampling_ratio)
+    levels = mapper(boxes)[:, None, None, None]
+    result = None
+    for level, (features, scale) in enumerate(zip(x_filtered, scales)):
+        pooled = roi_align(features, rois, output_size=output_size, spatial_scale=scale,
+                           sampling_ratio=sampling_ratio)
+        result = pooled if result is None else torch.where(levels == level, pooled, result)
+    return result
+
+
+def _ssd_postprocess(self: Any, head_outputs: dict[str, Any], image_anchors: list[Any],
+                     image_shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """SSD's `postprocess_detections` with the same detections, in one pass over the classes
+    instead of a Python loop of 90 (each a score filter and a top-k of data-dependent size):
+    the top k of the scores above the threshold are those above it among the top k of all, so
+    each class takes its top k first and filters after."""
+    import torch
+    from torchvision.ops import boxes as box_ops
+
+    scores_all = torch.nn.functional.softmax(head_outputs["cls_logits"], dim=-1)
+    detections = []
+    for regression, scores, anchors, image_shape in zip(head_outputs["bbox_regression"],
+                                                       scores_all, image_anchors, image_shapes):
+        boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(regression, anchors),
+                                            image_shape)
+        per_class = scores[:, 1:].t()
+        k = min(self.topk_candidates, per_class.shape[1])
+        top_scores, top_anchors = per_class.topk(k, dim=1)
+        detections.append(_nms_by_class(boxes[top_anchors], top_scores,
+                                        top_scores > self.score_thresh, self.nms_thresh,
+                                        self.detections_per_img))
+    return detections
+
+
+def _roi_postprocess(self: Any, class_logits: Any, box_regression: Any, proposals: list[Any],
+                     image_shapes: list[tuple[int, int]]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Faster/Mask R-CNN's `postprocess_detections` with the same detections, class by class
+    where torchvision flattens the (proposal, class) pairs into one list: NMS then runs per
+    class (torchvision runs it per class too, above 4000 boxes), not once over 90 times the
+    proposals."""
+    import torch
+    from torchvision.ops import boxes as box_ops
+
+    counts = [p.shape[0] for p in proposals]
+    decoded = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+    probabilities = torch.nn.functional.softmax(class_logits, -1).split(counts, 0)
+    found: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    for boxes, scores, image_shape in zip(decoded, probabilities, image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)[:, 1:].transpose(0, 1)
+        scores = scores[:, 1:].t()
+        valid = ((scores > self.score_thresh) & (boxes[..., 2] - boxes[..., 0] >= 1e-2)
+                 & (boxes[..., 3] - boxes[..., 1] >= 1e-2))
+        kept = _nms_by_class(boxes, scores, valid, self.nms_thresh, self.detections_per_img)
+        for out, key in zip(found, ("boxes", "scores", "labels")):
+            out.append(kept[key])
+    return found
+
+
+def _nms_by_class(boxes: Any, scores: Any, valid: Any, iou_threshold: float,
+                  limit: int) -> dict[str, Any]:
+    """Detections from per-class candidates (boxes C x N x 4, scores and valid C x N, class c
+    being label c + 1): NMS within each class, the kept ones by decreasing score, at most
+    `limit`, as torchvision's `batched_nms` and `keep[:limit]` give them."""
+
+    kept = nms_op()(boxes, scores, valid, iou_threshold)[:limit]
+    label, index = kept[:, 0], kept[:, 1]
+    return {"boxes": boxes[label, index], "scores": scores[label, index], "labels": label + 1}
+
+
+def nms_op() -> Any:
+    """`edgekit::nms_by_class`, registered with torch on first use: NMS per class over C x N
+    candidates, returning (class, index) rows of the kept ones by decreasing score. PyTorch runs
+    it with torchvision's `batched_nms`; its fake gives the count an unbacked size, and the Relax
+    importer maps it onto TVM's all-class NMS, one class per batch row."""
+    import torch
+
+    if not hasattr(torch.ops.edgekit, "nms_by_class"):
+        @torch.library.custom_op("edgekit::nms_by_class", mutates_args=(), schema=(
+            "(Tensor boxes, Tensor scores, Tensor valid, float iou_threshold) -> Tensor"))
+        def nms_by_class(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+                         iou_threshold: float) -> torch.Tensor:
+            from torchvision.ops import boxes as box_ops
+
+            where = torch.nonzero(valid)
+            keep = box_ops.batched_nms(boxes[where[:, 0], where[:, 1]],
+                                       scores[where[:, 0], where[:, 1]], where[:, 0],
+                                       iou_threshold)
+            return where[keep]
+
+        @nms_by_class.register_fake
+        def _(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+              iou_threshold: float) -> torch.Tensor:
+            most = scores.numel()
+            count = torch.library.get_ctx().new_dynamic_size(
+                max=most if isinstance(most, int) else None)
+            return scores.new_empty((count, 2), dtype=torch.int64)
+
+    return torch.ops.edgekit.nms_by_class

@@ -1,0 +1,145 @@
+"""Detectors through the Relax VM, checked detection by detection against PyTorch.
+
+The matching itself is tested on hand-made detections (a moved box, a dropped detection, too few
+to compare each fail); the detectors run end to end on a real daemon, their number of
+detections coming out of the device's VM as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hostkit.cli import main
+from hostkit.run.check import compare_outputs
+from hostkit.run.detections import BOX_PX, MIN_DETECTIONS, SCORE_DIFF
+
+NAMES = ["boxes", "scores", "labels"]
+
+
+def _detections(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    corner = rng.uniform(0, 200, (n, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(5, 60, (n, 2))], 1).astype(np.float32)
+    return [boxes, rng.uniform(0, 1, n).astype(np.float32), rng.integers(1, 91, n)]
+
+
+def test_detections_are_matched_one_to_one_in_any_order() -> None:
+    want = _detections(30)
+    order = np.random.default_rng(1).permutation(30)
+    got = [x[order] for x in want]
+    got[0] = got[0] + np.float32(0.01)
+    check = compare_outputs(got, want, "detection", NAMES)
+    assert check.passed(), check.reason()
+    details = check.details()
+    assert (details["detections"], details["matched"], details["unmatched"]) == (30, 30, 0)
+    assert 0.009 < details["max_box_px"] < 0.011 and details["max_score_diff"] == 0
+
+
+def test_detection_check_fails_when_the_device_differs() -> None:
+    want = _detections(30)
+    moved = [x.copy() for x in want]
+    moved[0][3] += 2 * BOX_PX + 1.0
+    check = compare_outputs(moved, want, "detection", NAMES)
+    assert not check.passed() and check.reason().startswith("boxes differ from PyTorch by up to")
+
+    dropped = [x[1:] for x in want]
+    check = compare_outputs(dropped, want, "detection", NAMES)
+    assert not check.passed()
+    assert check.reason().startswith("detections differ from PyTorch: 29 of 30 matched")
+
+    relabelled = [x.copy() for x in want]
+    relabelled[2][5] = relabelled[2][5] % 90 + 1
+    assert not compare_outputs(relabelled, want, "detection", NAMES).passed()
+
+    few = _detections(MIN_DETECTIONS - 1)
+    check = compare_outputs(few, few, "detection", NAMES)
+    assert not check.passed() and check.reason().startswith(
+        f"only {MIN_DETECTIONS - 1} detections to compare")
+    empty = [x[:0] for x in want]
+    assert not compare_outputs(empty, empty, "detection", NAMES).passed()
+
+
+def _inventory(write_inventory: Any, daemon: Any) -> Path:
+    return write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
+                                                "port": daemon.port}}})
+
+
+def _deploy(inv: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["deploy", "-i", str(inv), "-d", "dev", "--json", "--repeat", "1",
+                     "--warmup", "0", *args])
+    text = out.getvalue()
+    return code, json.loads(text) if text.strip() else None, err.getvalue()
+
+
+def _assert_matched(result: dict[str, Any], err: str) -> dict[str, Any]:
+    assert result["status"] == "ok", (result["error"], err[-2000:])
+    check = result["check"]
+    assert check["family"] == "detection"
+    assert check["detections"] >= MIN_DETECTIONS
+    assert check["matched"] == check["detections"] == check["device_detections"]
+    assert check["max_box_px"] <= BOX_PX and check["max_score_diff"] <= SCORE_DIFF
+    return check
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ssdlite_on_an_image_file(daemon: Any, write_inventory: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    y, x = np.mgrid[0:240, 0:320]
+    noise = np.random.default_rng(0).integers(0, 60, (240, 320, 3))
+    pixels = np.stack([(x * 2.1) % 255, (y * 1.7) % 255, ((x - y) * 0.8) % 255], -1) + noise
+    image = tmp_path / "street.png"
+    Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(image)
+    code, result, err = _deploy(_inventory(write_inventory, daemon),
+                                "ssdlite320_mobilenet_v3_large", "--input", str(image))
+    assert result is not None, err
+    check = _assert_matched(result, err)
+    assert check["outputs"] == ["boxes", "scores", "labels"]
+    assert "ObjectDetection" in (result["preprocessing"] or "")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mask_rcnn_with_masks_pasted_on_the_host(daemon: Any, write_inventory: Any) -> None:
+    code, result, err = _deploy(_inventory(write_inventory, daemon), "maskrcnn_resnet50_fpn",
+                                "--input-shape", "1,3,256,256")
+    assert result is not None, err
+    check = _assert_matched(result, err)
+    assert check["outputs"] == ["boxes", "labels", "scores", "masks"]
+    assert check["masks"] == check["matched"] and check["min_mask_iou"] >= 0.99
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_saved_detector_program(daemon: Any, write_inventory: Any, tmp_path: Path) -> None:
+    """A detector saved as .pt2 through `exportable()`: its NMS is edgekit's custom op, which
+    loading registers; the outputs are named, so the check is the detection one."""
+    import torch
+    import torchvision
+
+    from hostkit.models.detection import detector_kwargs, exportable
+    from hostkit.models.init import live_init
+
+    name, shape = "ssdlite320_mobilenet_v3_large", (1, 3, 320, 320)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                         **detector_kwargs(name, shape, seeded=True))
+    live_init(model, shape, seed=3)
+    saved = tmp_path / "ssd.pt2"
+    with exportable():
+        program = torch.export.export(model.eval(), (torch.rand(shape),))
+    torch.export.save(program, saved)
+    code, result, err = _deploy(_inventory(write_inventory, daemon), str(saved))
+    assert result is not None, err
+    check = _assert_matched(result, err)
+    assert check["outputs"] == ["boxes", "scores", "labels"]
