@@ -7,16 +7,13 @@ detections coming out of the device's VM as it is.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from deploying import daemon_inventory, deploy_json
 
-from hostkit.cli import main
 from hostkit.run.check import compare_outputs
 from hostkit.run.detections import BOX_PX, MIN_DETECTIONS, SCORE_DIFF
 
@@ -66,18 +63,6 @@ def test_detection_check_fails_when_the_device_differs() -> None:
     assert not compare_outputs(empty, empty, "detection", NAMES).passed()
 
 
-def _inventory(write_inventory: Any, daemon: Any) -> Path:
-    return write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
-                                                "port": daemon.port}}})
-
-
-def _deploy(inv: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["deploy", "-i", str(inv), "-d", "dev", "--json", "--repeat", "1",
-                     "--warmup", "0", *args])
-    text = out.getvalue()
-    return code, json.loads(text) if text.strip() else None, err.getvalue()
 
 
 def _assert_matched(result: dict[str, Any], err: str) -> dict[str, Any]:
@@ -100,7 +85,7 @@ def test_ssdlite_on_an_image_file(daemon: Any, write_inventory: Any, tmp_path: P
     pixels = np.stack([(x * 2.1) % 255, (y * 1.7) % 255, ((x - y) * 0.8) % 255], -1) + noise
     image = tmp_path / "street.png"
     Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(image)
-    code, result, err = _deploy(_inventory(write_inventory, daemon),
+    code, result, err = deploy_json(daemon_inventory(write_inventory, daemon),
                                 "ssdlite320_mobilenet_v3_large", "--input", str(image))
     assert result is not None, err
     check = _assert_matched(result, err)
@@ -111,7 +96,7 @@ def test_ssdlite_on_an_image_file(daemon: Any, write_inventory: Any, tmp_path: P
 @pytest.mark.integration
 @pytest.mark.slow
 def test_mask_rcnn_with_masks_pasted_on_the_host(daemon: Any, write_inventory: Any) -> None:
-    code, result, err = _deploy(_inventory(write_inventory, daemon), "maskrcnn_resnet50_fpn",
+    code, result, err = deploy_json(daemon_inventory(write_inventory, daemon), "maskrcnn_resnet50_fpn",
                                 "--input-shape", "1,3,256,256")
     assert result is not None, err
     check = _assert_matched(result, err)
@@ -139,7 +124,7 @@ def test_saved_detector_program(daemon: Any, write_inventory: Any, tmp_path: Pat
     with exportable():
         program = torch.export.export(model.eval(), (torch.rand(shape),))
     torch.export.save(program, saved)
-    code, result, err = _deploy(_inventory(write_inventory, daemon), str(saved))
+    code, result, err = deploy_json(daemon_inventory(write_inventory, daemon), str(saved))
     assert result is not None, err
     check = _assert_matched(result, err)
     assert check["outputs"] == ["boxes", "scores", "labels"]

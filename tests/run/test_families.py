@@ -3,32 +3,19 @@ a detector torch.export cannot take refused in one line that names the guard it 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from deploying import daemon_inventory, deploy_json
 
 from hostkit.cli import main
 
 pytestmark = pytest.mark.integration
 
 
-def _inventory(write_inventory: Any, daemon: Any) -> Path:
-    return write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
-                                                "port": daemon.port}}})
-
-
-def _deploy(inv: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["deploy", "-i", str(inv), "-d", "dev", "--json", "--repeat", "1",
-                     "--warmup", "0", *args])
-    text = out.getvalue()
-    return code, json.loads(text) if text.strip() else None, err.getvalue()
 
 
 def _scene(path: Path) -> Path:
@@ -42,25 +29,25 @@ def _scene(path: Path) -> Path:
 
 
 def test_segmenter_is_checked_pixel_by_pixel(daemon: Any, write_inventory: Any) -> None:
-    inv = _inventory(write_inventory, daemon)
+    inv = daemon_inventory(write_inventory, daemon)
     shape = ["--input-shape", "1,3,96,128"]
-    code, result, err = _deploy(inv, "lraspp_mobilenet_v3_large", *shape)
+    code, result, err = deploy_json(inv, "lraspp_mobilenet_v3_large", *shape)
     assert code == 0 and result is not None and result["status"] == "ok", err
     check = result["check"]
     assert check["family"] == "segmentation" and check["outputs"] == ["out"]
     assert check["pixels"] == 96 * 128 and check["pixel_agreement"] >= 0.999
     assert result["ref_max"] > 0.5 and result["rel_err"] < 1e-4
 
-    code, perturbed, _ = _deploy(inv, "lraspp_mobilenet_v3_large", *shape, "--perturb")
+    code, perturbed, _ = deploy_json(inv, "lraspp_mobilenet_v3_large", *shape, "--perturb")
     assert code == 1 and perturbed is not None and perturbed["stage"] == "check"
     assert perturbed["status"] == "failed" and perturbed["rel_err"] > 1e-4
 
 
 def test_image_input_is_preprocessed_like_torchvision(daemon: Any, write_inventory: Any,
                                                       tmp_path: Path) -> None:
-    inv = _inventory(write_inventory, daemon)
+    inv = daemon_inventory(write_inventory, daemon)
     image = _scene(tmp_path / "scene.png")
-    code, result, err = _deploy(inv, "squeezenet1_1", "--input", str(image))
+    code, result, err = deploy_json(inv, "squeezenet1_1", "--input", str(image))
     assert code == 0 and result is not None and result["status"] == "ok", err
     assert "ImageClassification" in (result["preprocessing"] or "")
     assert "crop_size=[224]" in result["preprocessing"]
@@ -68,24 +55,24 @@ def test_image_input_is_preprocessed_like_torchvision(daemon: Any, write_invento
 
 
 def test_npy_input_and_its_errors(daemon: Any, write_inventory: Any, tmp_path: Path) -> None:
-    inv = _inventory(write_inventory, daemon)
+    inv = daemon_inventory(write_inventory, daemon)
     tensor = tmp_path / "x.npy"
     np.save(tensor, np.random.default_rng(1).standard_normal((1, 3, 28, 28)).astype(np.float32))
-    code, result, err = _deploy(inv, "tinycnn", "--input", str(tensor))
+    code, result, err = deploy_json(inv, "tinycnn", "--input", str(tensor))
     assert code == 0 and result is not None and result["status"] == "ok", err
     assert result["preprocessing"] is None
 
     strings = tmp_path / "s.npy"
     np.save(strings, np.array(["a", "b"]))
-    code, result, _ = _deploy(inv, "tinycnn", "--input", str(strings))
+    code, result, _ = deploy_json(inv, "tinycnn", "--input", str(strings))
     assert code == 1 and result is not None and result["stage"] == "model"
     assert result["error"] == f"input file {strings} holds <U1; expected float32 numbers"
     junk = tmp_path / "photo.png"
     junk.write_bytes(b"not a png")
-    code, result, _ = _deploy(inv, "squeezenet1_1", "--input", str(junk))
+    code, result, _ = deploy_json(inv, "squeezenet1_1", "--input", str(junk))
     assert code == 1 and result is not None
     assert result["error"].startswith(f"input file {junk} is not a readable image")
-    code, result, _ = _deploy(inv, "tinycnn", "--input", str(junk))
+    code, result, _ = deploy_json(inv, "tinycnn", "--input", str(junk))
     assert code == 1 and result is not None
     assert result["error"] == (f"input file {junk}: tinycnn has no published preprocessing; "
                                "give a .npy tensor instead")
@@ -95,8 +82,8 @@ def test_unsupported_detector_is_refused_naming_the_guard(daemon: Any,
                                                           write_inventory: Any) -> None:
     """Keypoint R-CNN's keypoint decoding loops over detections in Python; torch.export stops
     there, and the line names the model, the guard and its place in torchvision's code."""
-    inv = _inventory(write_inventory, daemon)
-    code, result, err = _deploy(inv, "keypointrcnn_resnet50_fpn", "--input-shape", "1,3,128,128")
+    inv = daemon_inventory(write_inventory, daemon)
+    code, result, err = deploy_json(inv, "keypointrcnn_resnet50_fpn", "--input-shape", "1,3,128,128")
     assert code == 1 and result is not None and result["stage"] == "export"
     assert result["error"].startswith("torch.export failed for keypointrcnn_resnet50_fpn: "
                                       "a data-dependent guard")
@@ -132,7 +119,7 @@ def test_saved_program_with_dict_outputs(daemon: Any, write_inventory: Any,
     torch.manual_seed(0)
     saved = tmp_path / "heads.pt2"
     torch.export.save(torch.export.export(Heads().eval(), (torch.randn(1, 3, 16, 16),)), saved)
-    code, result, err = _deploy(_inventory(write_inventory, daemon), str(saved))
+    code, result, err = deploy_json(daemon_inventory(write_inventory, daemon), str(saved))
     assert code == 0 and result is not None and result["status"] == "ok", err
     assert result["check"]["outputs"] == ["out", "aux"]
     assert result["check"]["family"] == "segmentation" and result["rel_err"] < 1e-4

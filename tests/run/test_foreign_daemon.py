@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from hostkit.cli import main
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def _serving(script: str, tmp_path: Path) -> Iterator[int]:
+    """Run `script` (a TVM RPC server writing its port to argv[1]); yield the port."""
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        yield int(port_file.read_text())
+    finally:
+        proc.kill()
+        proc.wait()
 
 FOREIGN = """
 import random, sys
@@ -31,25 +49,15 @@ server.proc.join()
 
 def test_foreign_daemon_is_named(tmp_path: Path, write_inventory: Any,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-c", FOREIGN, str(port_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+    with _serving(FOREIGN, tmp_path) as port:
         inv = write_inventory({"devices": {"dev": {"target": {"kind": "llvm"},
                                                    "host": "127.0.0.1",
-                                                   "port": int(port_file.read_text())}}})
+                                                   "port": port}}})
         assert main(["deploy", "-i", str(inv), "-d", "dev", "tinycnn"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("edgekit: error: dev: 127.0.0.1:")
         assert "answered edgekit.device_info with 'hello from another tool', not an edgekit " \
                "device report" in err[-1]
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 OLD_TVM = FOREIGN.replace('lambda: "hello from another tool"',
@@ -58,21 +66,11 @@ OLD_TVM = FOREIGN.replace('lambda: "hello from another tool"',
 
 def test_devices_exits_1_for_a_daemon_with_another_tvm(tmp_path: Path, write_inventory: Any,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-c", OLD_TVM, str(port_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+    with _serving(OLD_TVM, tmp_path) as port:
         inv = write_inventory({"devices": {"old": {"target": {"kind": "llvm"},
-                                                   "port": int(port_file.read_text())}}})
+                                                   "port": port}}})
         assert main(["devices", "-i", str(inv)]) == 1
         captured = capsys.readouterr()
         assert "wrong TVM" in captured.out and "TVM 0.19.0" in captured.out
         assert captured.err.strip() == ("edgekit: error: 1 of 1 devices did not answer as they "
                                         "should (unreachable, silent or another TVM): old")
-    finally:
-        proc.kill()
-        proc.wait()
