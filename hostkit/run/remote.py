@@ -176,14 +176,17 @@ class LoadedRemote:
     watch: Watch | None = None
     first_ms: float | None = None
 
-    def _stage(self, name: str) -> ContextManager[None]:
-        return self.watch.stage(name) if self.watch is not None else nullcontext()
+    def _stage(self, name: str, window: float | None = None) -> ContextManager[None]:
+        return self.watch.stage(name, window) if self.watch is not None else nullcontext()
 
     def run(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
         """Outputs and the wall time of this call in ms (the first call includes lazy set-up)."""
         import tvm
 
-        with self._stage("first inference"):
+        # Its length is unknown until it ends (an untuned detector takes minutes): the user's
+        # session_timeout bounds it; the benchmark after it is stall-timed from its length.
+        long_step = self.watch.session_timeout if self.watch is not None else None
+        with self._stage("first inference", long_step):
             try:
                 tensors = [tvm.runtime.tensor(x, self.dev) for x in inputs]
                 self.vm.set_input("main", *tensors)
@@ -212,7 +215,8 @@ class LoadedRemote:
         while len(samples) < total:
             chunk = max(1, min(total - len(samples), int(target_s / per_run_s)))
             start = time.perf_counter()
-            with self._stage("benchmark"):
+            # A chunk of one run slower than stall_timeout reports nothing until it ends.
+            with self._stage("benchmark", 2.5 * per_run_s * (chunk + 1)):
                 try:
                     if chunk not in timers:
                         timers[chunk] = self.vm.time_evaluator("invoke_stateful", self.dev,
@@ -232,7 +236,7 @@ class LoadedRemote:
     def kernel_times(self, sess: "RPCSession", runs: int) -> dict[str, Any]:
         """Each VM call's time on the device over `runs` inferences, timed by the daemon's
         instrument around every call the VM makes (TVM 0.27 has no VM profiler of its own)."""
-        with self._stage("profile"):
+        with self._stage("profile", self.watch.session_timeout if self.watch else None):
             try:
                 take = sess.get_function("edgekit.profile_take")
                 sess.get_function("edgekit.profile_attach")(self.vm.module)

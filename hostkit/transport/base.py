@@ -93,7 +93,7 @@ def connect_rpc(device: Device, host: str, port: int, hint: str | None = None, *
                            device=device.name, stage="connect", hint=hint) from failure
     sess = outcome["sess"]
     sess.edgekit_watch = Watch(device.name, relay, device.stall_timeout, f"{host}:{port}",
-                               log_tail)
+                               log_tail, device.session_timeout)
     return sess
 
 

@@ -97,6 +97,10 @@ class Relay:
         """A blocking call began (timed for stalls), or ended (None)."""
         self._tell(f"stage {name}" if name else "idle")
 
+    def window(self, seconds: float) -> None:
+        """The current stage may pass `seconds` without progress (one long step)."""
+        self._tell(f"window {seconds!r}")
+
     def progress(self) -> None:
         self._tell("progress")
 

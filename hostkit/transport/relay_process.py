@@ -33,6 +33,7 @@ class State:
         self.sent = self.received = 0
         self.last = time.monotonic()
         self.stage: str | None = None
+        self.window: float | None = None  # a longer limit for one step that reports nothing
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.out_lock = threading.Lock()
@@ -103,7 +104,8 @@ def watch(state: State, upstream: socket.socket) -> None:
             shown = moved
             state.say(f"moved {moved[0]} {moved[1]}")
         stage = state.stage
-        if stage is not None and time.monotonic() - state.last > state.stall_timeout:
+        limit = state.window or state.stall_timeout
+        if stage is not None and time.monotonic() - state.last > limit:
             state.close(f"stalled {stage}")
 
 
@@ -111,9 +113,11 @@ def commands(state: State) -> None:
     for line in sys.stdin:
         word, _, rest = line.strip().partition(" ")
         if word == "stage":
-            state.stage, state.last = rest, time.monotonic()
+            state.stage, state.last, state.window = rest, time.monotonic(), None
+        elif word == "window":
+            state.window = float(rest)
         elif word == "idle":
-            state.stage = None
+            state.stage, state.window = None, None
         elif word == "progress":
             state.last = time.monotonic()
         elif word == "close":

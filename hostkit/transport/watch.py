@@ -27,10 +27,14 @@ class Watch:
     """One RPC session's watchdog: `stage()` around each call, `progress()` between chunks."""
 
     def __init__(self, device: str, relay: Relay, stall_timeout: float, address: str,
-                 log_tail: LogTail | None = None) -> None:
+                 log_tail: LogTail | None = None, session_timeout: float | None = None) -> None:
         self.device = device
         self.relay = relay
         self.stall_timeout = stall_timeout
+        # One step whose length nothing tells beforehand (a model's first inference) may take up
+        # to the user's upper bound: it reports no progress until it ends.
+        self.session_timeout = session_timeout or stall_timeout
+        self.limit = stall_timeout  # the current stage's
         self.address = address
         self.log_tail = log_tail or (lambda: "")
 
@@ -39,9 +43,14 @@ class Watch:
         self.relay.progress()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Run one blocking step; a stall or a vanished daemon becomes one clear RemoteError."""
+    def stage(self, name: str, window: float | None = None) -> Iterator[None]:
+        """Run one blocking step; a stall or a vanished daemon becomes one clear RemoteError.
+        `window`: a step known to take longer without progress may pass that long instead."""
         self.relay.stage(name)
+        self.limit = self.stall_timeout
+        if window is not None and window > self.stall_timeout:
+            self.relay.window(window)
+            self.limit = window
         try:
             yield
         except EdgekitError as exc:
@@ -60,8 +69,9 @@ class Watch:
             self.relay.settle(1.0 if exc is not None and _closed_text(exc) else 0.2)
         if self.relay.stalled_in is not None:
             return RemoteError(
-                f"stopped answering during {stage}: no progress for {self.stall_timeout:g}s "
-                f"(stall_timeout) at {self.address}", device=self.device, stage=stage,
+                f"stopped answering during {stage}: no progress for {self.limit:g}s "
+                f"({'stall_timeout' if self.limit == self.stall_timeout else 'this step'}) at "
+                f"{self.address}", device=self.device, stage=stage,
                 hint="the daemon or the board froze, or the link dropped; check it with "
                      f"`edgekit doctor --device {self.device}`, and raise stall_timeout if one "
                      "step of this model really takes longer")
