@@ -40,7 +40,11 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "setup: edgekit's pinned torch 2.14.1 wheels are for Python 3.11; set PYTHON=python3.11" >&2
   exit 1
 fi
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+# A venv whose creation was interrupted has a python but no pip: make it again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  "$PYTHON" -m venv --clear .venv
+  rm -f .venv/.edgekit-installed
+fi
 
 stamp=.venv/.edgekit-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
