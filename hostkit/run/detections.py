@@ -2,8 +2,10 @@
 
 Detections are matched by label and box overlap: every pair with the same label and an IoU of at
 least `MATCH_IOU` is a candidate, and pairs are taken greedily by decreasing IoU, each detection
-at most once. Order is not compared (two boxes with equal scores may come out of NMS in either
-order), the count is: a detection on one side without a partner on the other is unmatched.
+at most once. A box of zero area (RetinaNet clips boxes to the image and keeps those left zero
+wide) has no IoU: it pairs with a same-label box whose corners are within `DEGENERATE_PX`. Order
+is not compared (two boxes with equal scores may come out of NMS in either order), the count is:
+a detection on one side without a partner on the other is unmatched.
 
 A check passes when at least `MIN_DETECTIONS` detections were compared (two empty lists, or two
 short ones, prove nothing), every detection is matched, the matched boxes' corners differ by at
@@ -24,13 +26,14 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["DetectionCheck", "compare_detections", "MIN_DETECTIONS", "MATCH_IOU", "BOX_PX",
-           "SCORE_DIFF", "MASK_IOU"]
+           "SCORE_DIFF", "MASK_IOU", "DEGENERATE_PX"]
 
 MIN_DETECTIONS = 10
 MATCH_IOU = 0.5
 BOX_PX = 0.25
 SCORE_DIFF = 1e-3
 MASK_IOU = 0.99
+DEGENERATE_PX = 1.0  # a zero-area box's partner: every corner within this many pixels
 
 
 @dataclass(frozen=True)
@@ -144,17 +147,22 @@ def _match(boxes_a: np.ndarray, labels_a: np.ndarray, boxes_b: np.ndarray,
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every pair; a pair with a box of zero area (RetinaNet clips boxes to the image
+    edge, leaving some zero wide) has none, so it counts as overlapping fully when the corners
+    are within `DEGENERATE_PX` and not at all otherwise."""
     def area(x: np.ndarray) -> np.ndarray:
         return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
 
     top_left = np.maximum(a[:, None, :2], b[None, :, :2])
     bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=-1)
-    union = area(a)[:, None] + area(b)[None, :] - inter
+    area_a, area_b = area(a), area(b)
+    union = area_a[:, None] + area_b[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
-        # two identical degenerate boxes (zero area) are the same box
-        return np.where(union > 0, inter / np.where(union > 0, union, 1),
-                        np.all(a[:, None] == b[None, :], axis=-1).astype(np.float64))
+        iou = inter / np.where(union > 0, union, 1)
+    degenerate = (area_a[:, None] == 0) | (area_b[None, :] == 0)
+    near = np.max(np.abs(a[:, None] - b[None, :]), axis=-1) <= DEGENERATE_PX
+    return np.where(degenerate, near.astype(np.float64), iou)
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import pytest
 from deploying import daemon_inventory, deploy_json
 
 from hostkit.run.check import compare_outputs
-from hostkit.run.detections import BOX_PX, MIN_DETECTIONS, SCORE_DIFF
+from hostkit.run.detections import BOX_PX, DEGENERATE_PX, MIN_DETECTIONS, SCORE_DIFF
 
 NAMES = ["boxes", "scores", "labels"]
 
@@ -37,6 +37,21 @@ def test_detections_are_matched_one_to_one_in_any_order() -> None:
     details = check.details()
     assert (details["detections"], details["matched"], details["unmatched"]) == (30, 30, 0)
     assert 0.009 < details["max_box_px"] < 0.011 and details["max_score_diff"] == 0
+
+
+def test_zero_area_boxes_are_matched_by_their_corners() -> None:
+    """RetinaNet keeps boxes clipped to zero width at the image edge: they have no IoU, so
+    they pair by corners (a device's 1e-5 px away matches, one moved by pixels does not)."""
+    want = _detections(30)
+    want[0][:5, 0] = want[0][:5, 2] = 256.0
+    got = [x.copy() for x in want]
+    got[0][:5, 1] += np.float32(1e-4)
+    check = compare_outputs(got, want, "detection", NAMES)
+    assert check.passed(), check.reason()
+    assert check.details()["matched"] == 30
+    got[0][0, 1] += DEGENERATE_PX + 1.0
+    check = compare_outputs(got, want, "detection", NAMES)
+    assert check.reason().startswith("detections differ from PyTorch: 29 of 30 matched")
 
 
 def test_detection_check_fails_when_the_device_differs() -> None:
