@@ -46,6 +46,7 @@ class LoadedModel:
     output_names: list[str] = field(default_factory=list)  # filled by reference()
     precision: str = "fp32"  # "int8": quantized by hostkit.models.quantize
     quantization: Any = None  # what quantizing did (hostkit.models.quantize.Quantization)
+    _exact: list[np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def reference(self) -> list[np.ndarray]:
         """PyTorch's outputs on the host, for the same weights and inputs the device gets.
@@ -61,6 +62,27 @@ class LoadedModel:
         named = _flatten("output", out)
         self.output_names = [name for name, _ in named]
         return [value.detach().cpu().numpy() for _, value in named]
+
+    def exact_reference(self) -> list[np.ndarray] | None:
+        """PyTorch's outputs with the model evaluated in float64, in `reference()`'s order: the
+        exact answer the float32 runs (PyTorch's and the device's) each round their own way.
+        A detector's top-k and NMS pick among near-equal scores, so where PyTorch's float32
+        rounding decides a near tie one way and the device's the other, this one says which
+        is right (`hostkit.run.detections`). None for a saved program (its graph fixes the
+        dtypes) and a quantized model."""
+        if self._module is None or self.precision != "fp32":
+            return None
+        if self._exact is None:
+            import copy
+
+            import torch
+
+            module = copy.deepcopy(self._module).double()
+            args = [torch.from_numpy(x).double() for x in self.inputs]
+            with torch.no_grad():
+                out = module(*args)
+            self._exact = [value.detach().cpu().numpy() for _, value in _flatten("output", out)]
+        return self._exact
 
     def mask_paster(self) -> Any:
         """For a detector with masks: a function pasting per-detection mask probabilities

@@ -185,10 +185,14 @@ def _family_check(result: RunResult) -> str:
     if check.get("detections") is not None:
         masks = (f", masks IoU >= {check['min_mask_iou']:.4f}"
                  if check.get("min_mask_iou") is not None else "")
+        exact = (f" · against PyTorch in float64 (float32 PyTorch matched "
+                 f"{check.get('float32_matched')} of {check['detections']}: a near tie "
+                 "rounded the other way)"
+                 if check.get("reference") == "float64" else "")
         return (f"{check['matched']} of {check['detections']} detections matched "
                 f"({check['device_detections']} on the device), boxes within "
                 f"{_diff(check.get('max_box_px'))} px, scores within "
-                f"{_diff(check.get('max_score_diff'))}{masks}")
+                f"{_diff(check.get('max_score_diff'))}{masks}{exact}")
     top3 = check.get("top3")
     three = f", top-3 {_yes(top3)}" if top3 is not None else ""
     return f"top-1 {_yes(result.top1_match)}{three}, top-5 {_yes(result.top5_match)}"

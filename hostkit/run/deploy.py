@@ -21,7 +21,7 @@ from hostkit.errors import ConnectError, EdgekitError, RemoteError
 from hostkit.inventory import Device
 from hostkit.models import LoadedModel, ModelSpec, load_model
 from hostkit.report.results import Latency, RunResult
-from hostkit.run.check import RTOL, compare_outputs
+from hostkit.run.check import RTOL, Check, compare_outputs
 
 if TYPE_CHECKING:
     from hostkit.build.targets import ResolvedTarget
@@ -254,6 +254,25 @@ def _check_fits(device: str, model: str, library: int, params: int, workspace: i
                           hint="free memory on the board, or deploy a smaller or int8 model")
 
 
+def _detections_exactly(model: LoadedModel, outputs: list, check: Check,
+                        rtol: float) -> tuple[Check, dict[str, object]]:
+    """A detector's check, settled against the model evaluated in float64 when the float32
+    reference disagrees: top-k and NMS pick among near-equal scores, and PyTorch's float32
+    rounding and the device's may decide a near tie differently (RetinaNet with seeded weights
+    ranks 838,656 scores within 1e-4 of each other). The device passes when it matches the exact
+    answer; `check` then says so, with what float32 PyTorch matched."""
+    if check.detection is None or check.passed(rtol):
+        return check, {}
+    exact = model.exact_reference()
+    if exact is None:
+        return check, {}
+    again = compare_outputs(outputs, exact, model.family, model.output_names,
+                            paste=model.mask_paster())
+    if not again.passed(rtol):
+        return check, {}
+    return again, {"reference": "float64", "float32_matched": check.detection.matched}
+
+
 def _fail(result: RunResult, exc: EdgekitError) -> None:
     result.status = "failed"
     result.error = exc.message + (f" ({exc.hint})" if exc.hint else "")
@@ -313,7 +332,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         result.first_inference_ms = first_ms
         check = compare_outputs(outputs, reference, model.family, model.output_names,
                                 paste=model.mask_paster())
-        result.check = {**check.details(), "outputs": model.output_names}
+        check, against = _detections_exactly(model, outputs, check, options.rtol)
+        result.check = {**check.details(), **against, "outputs": model.output_names}
         result.preprocessing = model.preprocessing
         result.max_abs_diff, result.rel_err = check.max_abs_diff, check.rel_err
         result.ref_max, result.cosine = check.ref_max, check.cosine
