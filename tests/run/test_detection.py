@@ -7,6 +7,7 @@ detections coming out of the device's VM as it is.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import numpy as np
 import pytest
 from deploying import daemon_inventory, deploy_json
 
-from hostkit.run.check import compare_outputs
+from hostkit.cli import main
+from hostkit.models import LoadedModel
+from hostkit.run.check import RTOL, compare_outputs
+from hostkit.run.deploy import _detections_exactly
 from hostkit.run.detections import BOX_PX, DEGENERATE_PX, MIN_DETECTIONS, SCORE_DIFF
 
 NAMES = ["boxes", "scores", "labels"]
@@ -78,6 +82,47 @@ def test_detection_check_fails_when_the_device_differs() -> None:
     assert not compare_outputs(empty, empty, "detection", NAMES).passed()
 
 
+class _NearTie:
+    """A detector whose float32 rounding picks another box than exact arithmetic: box A's score
+    is `(0.5 + 2**24) - 2**24`, 0.5 exactly and 0 in float32 (2**24 + 0.5 rounds to 2**24),
+    box B beside it scores 0.25, and NMS keeps A or B; ten clear boxes elsewhere."""
+
+    def module(self) -> Any:
+        import torch
+        from torchvision.ops import nms
+
+        class NearTie(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                big = torch.tensor(2.0**24, dtype=x.dtype)
+                clear = torch.arange(10, dtype=x.dtype)
+                boxes = torch.stack([clear * 30, clear * 0, clear * 30 + 20, clear * 0 + 20], 1)
+                boxes = torch.cat([boxes, x.new_tensor([[0, 40, 20, 60], [1, 40, 21, 60]])])
+                scores = torch.cat([0.9 - clear / 100, ((x[:1] * 0 + 0.5 + big) - big),
+                                    x.new_tensor([0.25])])
+                keep = nms(boxes, scores, 0.5)
+                return {"boxes": boxes[keep], "scores": scores[keep],
+                        "labels": torch.ones_like(keep)}
+
+        return NearTie()
+
+
+def test_a_near_tie_is_settled_against_float64_pytorch() -> None:
+    """float32 PyTorch keeps box B, the exact answer box A: a device that keeps A matches the
+    model evaluated in float64 and passes, saying so; a device that drops a box fails both."""
+    model = LoadedModel(name="near-tie", program=None, inputs=[np.ones(1, np.float32)],
+                        identity="near-tie", _module=_NearTie().module(), family="detection")
+    reference = model.reference()
+    exact = [x.astype(np.float32) if x.dtype == np.float64 else x
+             for x in model.exact_reference() or []]
+    assert exact[0][-1, 0] == 0 and reference[0][-1, 0] == 1  # A exactly, B in float32
+    check = compare_outputs(exact, reference, "detection", model.output_names)
+    assert check.reason().startswith("boxes differ from PyTorch by up to 1 px")
+    settled, against = _detections_exactly(model, exact, check, RTOL)
+    assert settled.passed() and against == {"reference": "float64", "float32_matched": 11}
+    dropped = [x[1:] for x in exact]
+    check = compare_outputs(dropped, reference, "detection", model.output_names)
+    settled, against = _detections_exactly(model, dropped, check, RTOL)
+    assert not settled.passed() and against == {}
 
 
 def _assert_matched(result: dict[str, Any], err: str) -> dict[str, Any]:
@@ -143,3 +188,34 @@ def test_saved_detector_program(daemon: Any, write_inventory: Any, tmp_path: Pat
     assert result is not None, err
     check = _assert_matched(result, err)
     assert check["outputs"] == ["boxes", "scores", "labels"]
+
+
+@pytest.mark.integration
+def test_retinanet_checked_through_zero_area_boxes_and_near_ties(daemon: Any,
+                                                                 write_inventory: Any) -> None:
+    """RetinaNet with seeded weights: 300 detections from 5 x 1000 top-k candidates ranked among
+    a million scores within 1e-4 of each other, some boxes clipped to zero width at the image
+    edge. Where float32 PyTorch decides a near tie otherwise, float64 PyTorch settles it."""
+    code, result, err = deploy_json(daemon_inventory(write_inventory, daemon),
+                                    "retinanet_resnet50_fpn", "--input-shape", "1,3,256,256")
+    assert result is not None, err
+    check = _assert_matched(result, err)
+    assert check["detections"] == 300 and check["outputs"] == ["boxes", "scores", "labels"]
+    if check.get("reference") == "float64":
+        assert check["float32_matched"] < check["detections"]
+
+
+@pytest.mark.integration
+def test_bench_a_detector(daemon: Any, write_inventory: Any,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgekit bench` on a detector as on a classifier: checked detection by detection, timed
+    on the device."""
+    inventory = daemon_inventory(write_inventory, daemon)
+    code = main(["bench", "-i", str(inventory), "-d", "dev", "ssdlite320_mobilenet_v3_large",
+                 "--json", "--repeat", "3", "--warmup", "1"])
+    (result,) = json.loads(capsys.readouterr().out)
+    assert code == 0
+    _assert_matched(result, "")
+    latency = result["latency_ms"]
+    assert latency["n"] == 3 and 0 < latency["p50"] <= latency["p90"]
+    assert result["first_inference_ms"] > 0 and result["load_s"] is not None
