@@ -369,6 +369,23 @@ def test_deploy_resnet18_over_ssh(tmp_path: Path, sshd: Sshd,
     assert not list(store.glob(".*.part"))
 
 
+def test_deploy_detector_over_ssh(tmp_path: Path, sshd: Sshd,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A detector through the ssh tunnel: its data-dependent count of detections comes back as
+    the device's VM computed it and is matched one to one against PyTorch."""
+    from hostkit.cli import main
+
+    inventory = write_inventory(tmp_path / "inventory.yaml", sshd, python=sys.executable)
+    code = main(["deploy", "--device", "sshbox", "ssdlite320_mobilenet_v3_large", "--inventory",
+                 str(inventory), "--json", "--repeat", "1", "--warmup", "0"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"] == "ok", result.get("error")
+    check = result["check"]
+    assert check["family"] == "detection" and check["detections"] >= 10
+    assert check["matched"] == check["detections"] == check["device_detections"]
+    assert (tmp_path / "board" / "artifacts" / f"{result['artifact_sha256']}.so").exists()
+
+
 def test_deploy_runtime_cpp_over_ssh(tmp_path: Path, sshd: Sshd,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     """The export bundle goes by SFTP into a fresh folder, runs with an empty environment and is
