@@ -14,7 +14,9 @@ every matched pair of masks (thresholded at 0.5, as torchvision's users do) over
 of at least `MASK_IOU`. fp32 builds land inside these (measured: SSDlite boxes within 0.01 px
 and scores 4e-5, Mask R-CNN's 0.05 px and 2.5e-4, float sums in another order through 50
 layers); a device that computes something else moves boxes by pixels and scores in the second
-decimal, and loses matches.
+decimal, and loses matches. Top-k and NMS decide near ties by float32 rounding, PyTorch's or the
+device's; when PyTorch's disagrees, deploy compares with the model evaluated in float64
+(`LoadedModel.exact_reference`), the answer both round.
 """
 
 from __future__ import annotations
