@@ -188,31 +188,8 @@ def _nms_by_class(boxes: Any, scores: Any, valid: Any, iou_threshold: float,
 
 
 def nms_op() -> Any:
-    """`edgekit::nms_by_class`, registered with torch on first use: NMS per class over C x N
-    candidates, returning (class, index) rows of the kept ones by decreasing score. PyTorch runs
-    it with torchvision's `batched_nms`; its fake gives the count an unbacked size, and the Relax
-    importer maps it onto TVM's all-class NMS, one class per batch row."""
-    import torch
+    """`edgekit::nms_by_class`, NMS within each class of C x N candidates, registered with torch
+    on first use (`devicekit.torch_ops`: the device's PyTorch baseline loads the same program)."""
+    from devicekit.torch_ops import nms_by_class_op
 
-    if not hasattr(torch.ops.edgekit, "nms_by_class"):
-        @torch.library.custom_op("edgekit::nms_by_class", mutates_args=(), schema=(
-            "(Tensor boxes, Tensor scores, Tensor valid, float iou_threshold) -> Tensor"))
-        def nms_by_class(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
-                         iou_threshold: float) -> torch.Tensor:
-            from torchvision.ops import boxes as box_ops
-
-            where = torch.nonzero(valid)
-            keep = box_ops.batched_nms(boxes[where[:, 0], where[:, 1]],
-                                       scores[where[:, 0], where[:, 1]], where[:, 0],
-                                       iou_threshold)
-            return where[keep]
-
-        @nms_by_class.register_fake
-        def _(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
-              iou_threshold: float) -> torch.Tensor:
-            most = scores.numel()
-            count = torch.library.get_ctx().new_dynamic_size(
-                max=most if isinstance(most, int) else None)
-            return scores.new_empty((count, 2), dtype=torch.int64)
-
-    return torch.ops.edgekit.nms_by_class
+    return nms_by_class_op()

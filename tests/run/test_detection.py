@@ -209,13 +209,17 @@ def test_retinanet_checked_through_zero_area_boxes_and_near_ties(daemon: Any,
 def test_bench_a_detector(daemon: Any, write_inventory: Any,
                           capsys: pytest.CaptureFixture[str]) -> None:
     """`edgekit bench` on a detector as on a classifier: checked detection by detection, timed
-    on the device."""
+    on the device, and PyTorch beside it there, loading the exported program with edgekit's NMS
+    operator in it and checked detection by detection too."""
     inventory = daemon_inventory(write_inventory, daemon)
     code = main(["bench", "-i", str(inventory), "-d", "dev", "ssdlite320_mobilenet_v3_large",
-                 "--json", "--repeat", "3", "--warmup", "1"])
+                 "--json", "--repeat", "3", "--warmup", "1", "--baselines", "torch"])
     (result,) = json.loads(capsys.readouterr().out)
     assert code == 0
     _assert_matched(result, "")
     latency = result["latency_ms"]
     assert latency["n"] == 3 and 0 < latency["p50"] <= latency["p90"]
     assert result["first_inference_ms"] > 0 and result["load_s"] is not None
+    (torch_run,) = result["baselines"]
+    assert torch_run["engine"] == "torch" and torch_run["status"] == "ok", torch_run["reason"]
+    assert torch_run["latency_ms"]["n"] == 3 and torch_run["max_abs_diff"] < 1e-3
