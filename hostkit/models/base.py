@@ -68,7 +68,7 @@ class LoadedModel:
         exact answer the float32 runs (PyTorch's and the device's) each round their own way.
         A detector's top-k and NMS pick among near-equal scores, so where PyTorch's float32
         rounding decides a near tie one way and the device's the other, this one says which
-        is right (`hostkit.run.detections`). None for a saved program (its graph fixes the
+        is right (`hostkit.run.deploy`). None for a saved program (its graph fixes the
         dtypes) and a quantized model."""
         if self._module is None or self.precision != "fp32":
             return None

@@ -258,12 +258,17 @@ def _detections_exactly(model: LoadedModel, outputs: list, check: Check,
                         rtol: float) -> tuple[Check, dict[str, object]]:
     """A detector's check, settled against the model evaluated in float64 when the float32
     reference disagrees: top-k and NMS pick among near-equal scores, and PyTorch's float32
-    rounding and the device's may decide a near tie differently (RetinaNet with seeded weights
-    ranks 838,656 scores within 1e-4 of each other). The device passes when it matches the exact
-    answer; `check` then says so, with what float32 PyTorch matched."""
+    rounding and the device's may decide a near tie differently (seeded RetinaNet ranks 838,656
+    close scores per level, and each float32 run's logits are up to 4.5e-4 from the exact ones).
+    The device passes when it matches the exact answer; `check` then says so, with what float32
+    PyTorch matched. A model that cannot run in float64 keeps its float32 check."""
     if check.detection is None or check.passed(rtol):
         return check, {}
-    exact = model.exact_reference()
+    try:
+        exact = model.exact_reference()
+    except Exception:  # e.g. an operator without a float64 kernel: the float32 check stands
+        log.debug("%s: no float64 reference", model.name, exc_info=True)
+        return check, {}
     if exact is None:
         return check, {}
     again = compare_outputs(outputs, exact, model.family, model.output_names,

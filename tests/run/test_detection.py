@@ -82,35 +82,32 @@ def test_detection_check_fails_when_the_device_differs() -> None:
     assert not compare_outputs(empty, empty, "detection", NAMES).passed()
 
 
-class _NearTie:
-    """A detector whose float32 rounding picks another box than exact arithmetic: box A's score
+def _near_tie() -> Any:
+    """A detector whose float32 rounding keeps another box than exact arithmetic: box A's score
     is `(0.5 + 2**24) - 2**24`, 0.5 exactly and 0 in float32 (2**24 + 0.5 rounds to 2**24),
-    box B beside it scores 0.25, and NMS keeps A or B; ten clear boxes elsewhere."""
+    box B, 1 px beside it, scores 0.25, and NMS keeps A or B; ten clear boxes elsewhere."""
+    import torch
+    from torchvision.ops import nms
 
-    def module(self) -> Any:
-        import torch
-        from torchvision.ops import nms
+    class NearTie(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            big = torch.tensor(2.0**24, dtype=x.dtype)
+            clear = torch.arange(10, dtype=x.dtype)
+            boxes = torch.stack([clear * 30, clear * 0, clear * 30 + 20, clear * 0 + 20], 1)
+            boxes = torch.cat([boxes, x.new_tensor([[0, 40, 20, 60], [1, 40, 21, 60]])])
+            scores = torch.cat([0.9 - clear / 100, (x[:1] * 0 + 0.5 + big) - big,
+                                x.new_tensor([0.25])])
+            keep = nms(boxes, scores, 0.5)
+            return {"boxes": boxes[keep], "scores": scores[keep], "labels": torch.ones_like(keep)}
 
-        class NearTie(torch.nn.Module):
-            def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-                big = torch.tensor(2.0**24, dtype=x.dtype)
-                clear = torch.arange(10, dtype=x.dtype)
-                boxes = torch.stack([clear * 30, clear * 0, clear * 30 + 20, clear * 0 + 20], 1)
-                boxes = torch.cat([boxes, x.new_tensor([[0, 40, 20, 60], [1, 40, 21, 60]])])
-                scores = torch.cat([0.9 - clear / 100, ((x[:1] * 0 + 0.5 + big) - big),
-                                    x.new_tensor([0.25])])
-                keep = nms(boxes, scores, 0.5)
-                return {"boxes": boxes[keep], "scores": scores[keep],
-                        "labels": torch.ones_like(keep)}
-
-        return NearTie()
+    return NearTie()
 
 
 def test_a_near_tie_is_settled_against_float64_pytorch() -> None:
     """float32 PyTorch keeps box B, the exact answer box A: a device that keeps A matches the
     model evaluated in float64 and passes, saying so; a device that drops a box fails both."""
     model = LoadedModel(name="near-tie", program=None, inputs=[np.ones(1, np.float32)],
-                        identity="near-tie", _module=_NearTie().module(), family="detection")
+                        identity="near-tie", _module=_near_tie(), family="detection")
     reference = model.reference()
     exact = [x.astype(np.float32) if x.dtype == np.float64 else x
              for x in model.exact_reference() or []]
