@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,19 @@ class Artifact:
         return self.path.stat().st_size
 
 
-def import_relax(model: LoadedModel) -> "tvm.IRModule":
+def import_relax(model: LoadedModel,
+                 target: "tvm.target.Target | None" = None) -> "tvm.IRModule":
     """Import the model into Relax with weights bound as constants (they ship inside the .so).
 
     An int8 model's quantized layers are lowered to int8 kernels here, so tuning and building see
-    the same module.
+    the same module; `target` decides whether its 1x1 convolutions get VNNI kernels.
     """
-    mod, _ = import_with_report(model)
+    mod, _ = import_with_report(model, target)
     return mod
 
 
-def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, Any] | None]:
+def import_with_report(model: LoadedModel, target: "tvm.target.Target | None" = None,
+                       ) -> tuple["tvm.IRModule", dict[str, Any] | None]:
     """`import_relax`, plus for an int8 model what was lowered to int8 and what stayed fp32."""
     from hostkit.build.relax_import import to_relax
 
@@ -74,8 +76,9 @@ def import_with_report(model: LoadedModel) -> tuple["tvm.IRModule", dict[str, An
         return mod, None
     from hostkit.build.int8 import lower_int8
 
-    mod, lowering = lower_int8(mod)
-    return mod, {"int8_layers": lowering.int8, "fp32_layers": lowering.fp32}
+    mod, lowering = lower_int8(mod, target)
+    return mod, {"int8_layers": lowering.int8, "vnni_layers": lowering.vnni,
+                 "fp32_layers": lowering.fp32}
 
 
 def _import_error(name: str, exc: Exception, program: Any = None) -> str:
@@ -177,7 +180,9 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
                         workspace_bytes=meta.get("workspace_bytes"))
 
     start = time.perf_counter()
-    mod, int8 = import_with_report(model)
+    # records carry the device's CPU (`mcpu`); the int8 lowering must see the target they build for
+    lowering_target = tuning.tuned_target(target.target) if records_id is not None else target.target
+    mod, int8 = import_with_report(model, lowering_target)
     tuned, coverage = False, None
     try:
         with cuda.kernels_from_source() if is_cuda else contextlib.nullcontext():

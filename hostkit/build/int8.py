@@ -7,7 +7,8 @@ takes its input and weights as int8 and accumulates in int32, with one cast back
 the requantization multiply; fusion then puts the next layer's quantize into the same kernel. The
 arithmetic is exact on both sides (integer products, int32 sums), so the device computes what
 PyTorch's quantized model computed. Layers that do not have the pattern stay in fp32 and are
-counted, never silently.
+counted, never silently. On a target with AVX-512 VNNI the 1x1 convolutions go to the
+hand-scheduled `vpdpbusd` kernels of `hostkit.build.vnni` instead.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ QMAX = 127
 @dataclass
 class Int8Lowering:
     int8: int = 0  # convolutions and matmuls now computing in int8
+    vnni: int = 0  # of those, 1x1 convolutions on the VNNI matmul kernel
     fp32: list[str] = field(default_factory=list)  # those left in float, as "op(shape)"
 
 
-def lower_int8(mod: "tvm.IRModule") -> tuple["tvm.IRModule", Int8Lowering]:
-    """`mod` with every quantized convolution and matmul computing on int8."""
+def lower_int8(mod: "tvm.IRModule",
+               target: "tvm.target.Target | None" = None) -> tuple["tvm.IRModule", Int8Lowering]:
+    """`mod` with every quantized convolution and matmul computing on int8; with VNNI kernels for
+    the 1x1 convolutions when `target` has AVX-512 VNNI."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    from hostkit.build import vnni
 
     report = Int8Lowering()
     rounded = is_op("relax.round")(wildcard())
@@ -52,21 +58,68 @@ def lower_int8(mod: "tvm.IRModule") -> tuple["tvm.IRModule", Int8Lowering]:
         ok = w.size and np.all(w >= -QMAX - 1) and np.all(w <= QMAX) and np.all(w == np.round(w))
         return w.astype("int8") if ok else None
 
+    def input_dtype(matches: Any) -> str | None:
+        """The integer type the layer's input clip bounds fit (uint8 or int8), or None."""
+        low, high = (float(arg.value) for arg in matches[data].args[1:3])
+        if low >= 0 and high <= 255:
+            return "uint8"
+        return "int8" if low >= -128 and high <= 127 else None
+
     def integer_input(matches: Any) -> Any:
-        """The layer's input cast to the integer type its clip bounds fit (uint8 or int8)."""
-        clip = matches[data]
-        low, high = (float(arg.value) for arg in clip.args[1:3])
-        dtype = "uint8" if low >= 0 and high <= 255 else "int8"
-        if dtype == "int8" and (low < -128 or high > 127):
+        """The layer's input cast to the integer type its clip bounds fit."""
+        dtype = input_dtype(matches)
+        if dtype is None:
             return None
-        source = matches[padded] if padded in matches else clip
+        source = matches[padded] if padded in matches else matches[data]
         return relax.op.astype(source, dtype)
+
+    use_vnni = vnni.has_vnni(target)
+    builder = relax.BlockBuilder(mod)  # gives the kernels typed global vars to call
+    kernels: dict[tuple[int, int, int], Any] = {}
+
+    def vnni_conv(expr: Any, matches: Any, w: np.ndarray) -> Any:
+        """A 1x1 convolution as pixels x channels . w on the VNNI kernel, or None."""
+        attrs = expr.attrs
+        shape = matches[data].ty.shape
+        if (padded in matches or w.shape[2:] != (1, 1) or w.shape[1] % vnni.DEPTH
+                or int(attrs.groups) != 1 or attrs.data_layout != "NCHW"
+                or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+                or any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation))
+                or any(int(v) != 0 for v in attrs.padding)
+                or not all(hasattr(d, "value") for d in shape)):
+            return None
+        n, c, h, wd = (int(d.value) for d in shape)
+        out, rows = w.shape[0], n * h * wd
+        packed, cols = vnni.pack_weights(w[:, :, 0, 0])
+        x = matches[data]
+        if input_dtype(matches) == "int8":  # vpdpbusd wants unsigned data: x + 128 ...
+            x = relax.op.add(x, relax.const(128.0, "float32"))
+        pixels = relax.op.reshape(relax.op.permute_dims(relax.op.astype(x, "uint8"),
+                                                        [0, 2, 3, 1]), (rows, c))
+        key = (rows, cols, c)
+        if key not in kernels:
+            kernels[key] = builder.add_func(vnni.matmul_kernel(rows, cols, c),
+                                            f"vnni_matmul_{rows}x{cols}x{c}")
+        y = relax.call_tir(kernels[key], [pixels, relax.const(packed)],
+                           relax.TensorType((rows, cols), "int32"))
+        if input_dtype(matches) == "int8":  # ... and 128 * sum(w) comes off the result
+            shift = np.zeros(cols, dtype="int32")
+            shift[:out] = 128 * w[:, :, 0, 0].astype("int32").sum(axis=1)
+            y = relax.op.subtract(y, relax.const(shift))
+        if cols != out:
+            y = relax.op.strided_slice(y, axes=[1], begin=[0], end=[out])
+        return relax.op.permute_dims(relax.op.reshape(y, (n, h, wd, out)), [0, 3, 1, 2])
 
     def lower_conv(expr: Any, matches: Any) -> Any:
         w, x = integral(matches), integer_input(matches)
         if w is None or x is None:
             return expr
         report.int8 += 1
+        if use_vnni:
+            out = vnni_conv(expr, matches, w)
+            if out is not None:
+                report.vnni += 1
+                return relax.op.astype(out, "float32")
         attrs = expr.attrs
         out = relax.op.nn.conv2d(x, relax.const(w),
                                  strides=attrs.strides, padding=attrs.padding,
@@ -86,6 +139,7 @@ def lower_int8(mod: "tvm.IRModule") -> tuple["tvm.IRModule", Int8Lowering]:
 
     main = rewrite_call(conv, lower_conv, mod["main"])
     main = rewrite_call(matmul, lower_matmul, main)
+    mod = builder.get()
     mod["main"] = main
     report.fp32 = _float_layers(mod)
     return mod, report

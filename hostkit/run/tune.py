@@ -59,7 +59,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
             raise
         if records.exists():
             target = records.tuned_target(target)
-        prepared = prepare_module(import_relax(model), target)
+        prepared = prepare_module(import_relax(model, target), target)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before
         borrowed, boards, measure_s = Borrowed(), 1, 0.0
