@@ -4,9 +4,12 @@
     python bench/bench_int8.py --calibration 64 --json
 
 TVM fp32 and TVM int8 are built alike: both untuned, or both with tuning records when both have
-them (`edgekit tune ... [--quantize int8]`). ONNX Runtime runs the fp32 model and its own static
-int8 QDQ quantization of it, calibrated on the same samples. Every engine's outputs go through
-deploy's check against its PyTorch reference (fp32, or PyTorch's quantized model for TVM int8).
+them (`edgekit tune ... [--quantize int8]`). Untuned builds are compiled for the device's CPU
+(`mcpu`, as tuning does), so both precisions get its vector extensions and int8 its VNNI kernels;
+`--inventory-target` builds for the inventory's target as it stands instead. ONNX Runtime runs
+the fp32 model and its own static int8 QDQ quantization of it, calibrated on the same samples.
+Every engine's outputs go through deploy's check against its PyTorch reference (fp32, or
+PyTorch's quantized model for TVM int8).
 Engines are timed in interleaved rounds; the ratios are what count. Targets (issue 11): TVM int8
 at or below 0.6x TVM fp32; TVM int8 MobileNetV2 below ONNX Runtime int8. Exit 1 when a check
 fails, or a target is missed unless --no-floor.
@@ -74,8 +77,18 @@ def _ort_int8_timer(model: Any, samples: list[np.ndarray], threads: int, workdir
     return ort_timer(session, feed)
 
 
+def cpu_target(resolved: Any, info: dict[str, Any]) -> Any:
+    """The inventory's target with the device's `mcpu` and core count, as tuning completes it."""
+    from hostkit.build.targets import ResolvedTarget
+    from hostkit.build.tuning.records import device_target
+
+    target = device_target(resolved, info)
+    return ResolvedTarget(target=target, triple=resolved.triple, kind=resolved.kind)
+
+
 def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, resolved: Any,
-                cross_cc: str | None, workdir: Path, log: Callable[[str], None]) -> list[Row]:
+                cross_cc: str | None, workdir: Path, log: Callable[[str], None],
+                untuned: Any = None) -> list[Row]:
     from hostkit.build.tuning.records import records_for
     from hostkit.models import ModelSpec, load_model
     from hostkit.models.quantize import calibration_samples, quantize_int8
@@ -88,18 +101,21 @@ def bench_model(name: str, args: argparse.Namespace, device: Any, session: Any, 
     fp32_records, int8_records = records_for(fp32, resolved), records_for(int8, resolved)
     tuned = fp32_records.exists() and int8_records.exists()
     how = "tuned" if tuned else "untuned"
+    build = resolved if tuned or untuned is None else untuned
     rows = {e: Row(model=name, engine=e) for e in
             (f"tvm-fp32-{how}", f"tvm-int8-{how}", "onnxruntime-fp32", "onnxruntime-int8")}
     timers: dict[str, Callable[[int], list[float]]] = {}
-    log(f"{name}: building fp32 and int8 ({how})")
-    timers[f"tvm-fp32-{how}"], _ = _tvm_timer(session, fp32, resolved, cross_cc,
+    log(f"{name}: building fp32 and int8 ({how}, {build.describe()})")
+    timers[f"tvm-fp32-{how}"], _ = _tvm_timer(session, fp32, build, cross_cc,
                                               fp32_records if tuned else None, device,
                                               rows[f"tvm-fp32-{how}"], fp32_ref)
-    timers[f"tvm-int8-{how}"], artifact = _tvm_timer(session, int8, resolved, cross_cc,
+    timers[f"tvm-int8-{how}"], artifact = _tvm_timer(session, int8, build, cross_cc,
                                                      int8_records if tuned else None, device,
                                                      rows[f"tvm-int8-{how}"], int8_ref)
-    rows[f"tvm-int8-{how}"].note = (f"{info.layers} layers int8, calibration {info.method} on "
-                                    f"{info.samples}, top-1 vs fp32 {info.vs_fp32_top1:.0%}")
+    vnni = (artifact.int8 or {}).get("vnni_layers", 0)
+    rows[f"tvm-int8-{how}"].note = (f"{info.layers} layers int8 ({vnni} on VNNI), calibration "
+                                    f"{info.method} on {info.samples}, top-1 vs fp32 "
+                                    f"{info.vs_fp32_top1:.0%}")
     timers["onnxruntime-fp32"] = _ort_timer(fp32, threads, workdir, rows["onnxruntime-fp32"],
                                             fp32_ref)
     try:
@@ -141,14 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--inventory-target", action="store_true",
+                        help="build untuned models for the inventory's target, without the "
+                             "device's mcpu")
     args = parser.parse_args(argv)
 
     bench = bench_device(args.device, args.inventory)
     rows: list[Row] = []
     with bench_session(bench):
+        untuned = None if args.inventory_target else cpu_target(bench.resolved, bench.info)
         for name in args.models:
             rows.extend(bench_model(name, args, bench.device, bench.session, bench.resolved,
-                                    bench.cross_cc, bench.workdir, log))
+                                    bench.cross_cc, bench.workdir, log, untuned))
     checks = ratios(rows)
     records = [{k: v for k, v in vars(r).items() if k != "samples"} for r in rows]
     if args.json:

@@ -181,8 +181,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
 
     start = time.perf_counter()
     # records carry the device's CPU (`mcpu`); the int8 lowering must see the target they build for
-    lowering_target = tuning.tuned_target(target.target) if records_id is not None else target.target
-    mod, int8 = import_with_report(model, lowering_target)
+    lowering = tuning.tuned_target(target.target) if records_id is not None else target.target
+    mod, int8 = import_with_report(model, lowering)
     tuned, coverage = False, None
     try:
         with cuda.kernels_from_source() if is_cuda else contextlib.nullcontext():

@@ -159,7 +159,8 @@ def _precision(result: RunResult) -> str:
     agree = q.get("vs_fp32_top1")
     scales = (f"calibration {q['method']} on {q['samples']} samples" if q["samples"]
               else f"scales: {q['method']}")
-    return (f"int8 ({q.get('int8_layers', q.get('layers'))} layers int8, "
+    vnni = f" ({q['vnni_layers']} on VNNI)" if q.get("vnni_layers") else ""
+    return (f"int8 ({q.get('int8_layers', q.get('layers'))} layers int8{vnni}, "
             f"{len(left)} fp32{': ' + ', '.join(left[:5]) if left else ''}) · {scales}"
             f" · weights {q['int8_mb']:.1f} MB "
             f"(fp32 {q['fp32_mb']:.1f} MB)"

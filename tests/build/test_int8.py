@@ -29,7 +29,7 @@ def test_convolutions_and_dense_take_int8_and_accumulate_int32() -> None:
     model = load_model(ModelSpec("tinycnn", input_shape=(1, 3, 16, 16), quantize="int8",
                                  calibration="4"))
     mod, report = import_with_report(model)
-    assert report == {"int8_layers": 3, "fp32_layers": []}
+    assert report == {"int8_layers": 3, "vnni_layers": 0, "fp32_layers": []}
     calls = _calls(mod)
     assert [op for op, _, _ in calls] == ["relax.nn.conv2d", "relax.nn.conv2d", "relax.matmul"]
     assert all(data == "int8" and out == "int32" for _, data, out in calls), calls
