@@ -134,6 +134,15 @@ def describe_target(target: "tvm.target.Target") -> str:
     return " ".join(parts)
 
 
+def _is_scheduled(task: Any) -> bool:
+    """A kernel that came scheduled (the int8 VNNI matmuls): the mark is on the module, or only
+    on its function, which is how a hand-scheduled PrimFunc's mark survives task extraction."""
+    if task.mod.attrs.get("tirx.is_scheduled", False):
+        return True
+    return any(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)
+               for func in task.mod.functions.values())
+
+
 def extract_tasks(prepared: "tvm.IRModule", target: "tvm.target.Target", device: str) -> list[Any]:
     from tvm.s_tir import meta_schedule as ms
 
@@ -145,7 +154,7 @@ def extract_tasks(prepared: "tvm.IRModule", target: "tvm.target.Target", device:
     except Exception as exc:
         raise TuneError(f"extracting tuning tasks failed: {_first_line(str(exc))}", device=device,
                         stage="tune") from exc
-    tasks = [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in tasks if not _is_scheduled(t)]
     if not tasks:
         raise TuneError("the model has no kernel MetaSchedule can tune", device=device,
                         stage="tune")
