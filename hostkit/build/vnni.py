@@ -64,10 +64,11 @@ def _register() -> None:
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
+    # TVMScript: the annotations are buffer declarations, not types mypy can read
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), "uint8", offset_factor=1),
-             b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+             b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
         with T.sblock("root"):
             T.reads(c[0:16], a[0:4], b[0:16, 0:4])
             T.writes(c[0:16])
