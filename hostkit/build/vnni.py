@@ -57,14 +57,31 @@ def pack_weights(w: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _register() -> None:
+    """Register the intrinsic: what one `vpdpbusd` computes (desc) and the call that does it.
+
+    TVM's own description is not imported: `tvm.s_tir.tensor_intrin` parses every target's
+    intrinsics on import (half a minute on a busy 2-core machine).
+    """
     global _registered
     if _registered:
         return
     from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
     # TVMScript: the annotations are buffer declarations, not types mypy can read
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+             b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # type: ignore[valid-type]
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
              b: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
@@ -80,7 +97,7 @@ def _register() -> None:
                 b.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16")
 
-    TensorIntrin.register(INTRIN, dot_product_16x4_u8i8i32_desc, impl, override=True)
+    TensorIntrin.register(INTRIN, desc, impl, override=True)
     _registered = True
 
 
