@@ -353,7 +353,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     (spec,) = _specs(args, [args.model])
     summary = tune_on_device(device, spec, trials=args.trials,
                              trials_per_task=args.trials_per_task,
-                             time_budget_min=args.time_budget, console=_progress_console())
+                             time_budget_min=args.time_budget, console=_progress_console(),
+                             winograd=args.winograd)
     if args.json:
         print(to_json(summary))
     else:

@@ -179,6 +179,10 @@ def parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials-per-task", type=_positive, default=None)
     tune.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                       help="stop starting new trials after this many minutes")
+    tune.add_argument("--winograd", action="store_true",
+                      help="compute 3x3 stride-1 convolutions as Winograd F(4x4, 3x3); these "
+                           "records are kept apart, and a build applies whichever tune "
+                           "estimated the faster model")
     tune.add_argument("--weights", type=Path, default=None)
     tune.add_argument("--input-shape", type=_named_shape, action="append", default=None,
                       metavar="[NAME=]DIMS")

@@ -31,6 +31,7 @@ def records_command(args: argparse.Namespace, console: Any, device: Device | Non
 
 def _list(args: argparse.Namespace, console: Any) -> int:
     from hostkit.build.tuning.exchange import list_records
+    from hostkit.build.tuning.records import WINOGRAD
 
     rows = list_records()
     if args.json:
@@ -44,7 +45,8 @@ def _list(args: argparse.Namespace, console: Any) -> int:
     table = Table("model", "target", "trials", "minutes", "best ms", "records", "borrowed",
                   box=None, pad_edge=False)
     for row in rows:
-        table.add_row(escape(str(row["model"])), escape(row["target"]), str(row["trials"]),
+        model = str(row["model"]) + (" (winograd)" if row["preparation"] == WINOGRAD else "")
+        table.add_row(escape(model), escape(row["target"]), str(row["trials"]),
                       _figure(row["minutes"], ".1f"), _figure(row["best_ms"], ".3f"),
                       str(row["records"]),
                       f"{row['borrowed_tasks']} tasks" if row["borrowed_tasks"] else "-")

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from hostkit.build.compiler import import_relax
 from hostkit.build.targets import check_cross_compiler, complete_from_device, resolve_target
-from hostkit.build.tuning.records import device_target, prepare_module, records_for
+from hostkit.build.tuning.records import (
+    PREPARATION,
+    WINOGRAD,
+    device_target,
+    prepare_module,
+    records_for,
+)
 from hostkit.build.tuning.search import (
     TuneStats,
     describe_target,
@@ -37,8 +43,13 @@ __all__ = ["tune_on_device"]
 
 
 def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_task: int | None,
-                   time_budget_min: float | None, console: "Console | None" = None) -> dict[str, Any]:
-    """Tune `spec` on `device` and store the records deploy and bench apply; returns a summary."""
+                   time_budget_min: float | None, console: "Console | None" = None,
+                   winograd: bool = False) -> dict[str, Any]:
+    """Tune `spec` on `device` and store the records deploy and bench apply; returns a summary.
+
+    `winograd` tunes the Winograd preparation (its own records; see `records_for` for which
+    records a build applies).
+    """
     if trials < 1:
         raise TuneError("--trials must be at least 1", device=device.name, stage="tune")
     resolved = resolve_target(device)
@@ -50,7 +61,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
         check_versions(device.name, info)
         session.close()
         resolved = complete_from_device(device, resolved, info)
-        records = records_for(model, resolved)
+        records = records_for(model, resolved, WINOGRAD if winograd else PREPARATION)
         before = records.own_count()
         try:
             target = device_target(resolved, info)
@@ -59,7 +70,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
             raise
         if records.exists():
             target = records.tuned_target(target)
-        prepared = prepare_module(import_relax(model, target), target)
+        prepared = prepare_module(import_relax(model, target), target, records.preparation)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before
         borrowed, boards, measure_s = Borrowed(), 1, 0.0
@@ -100,6 +111,7 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
     })
     return {
         "model": model.name, "device": device.name, "target": describe_target(target),
+        "preparation": records.preparation,
         "tasks": len(tasks), "trials": stats.trials, "valid_trials": stats.valid,
         "build_errors": stats.build_errors, "run_errors": stats.run_errors,
         "records_before": before, "records": valid_total,

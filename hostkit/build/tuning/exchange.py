@@ -26,7 +26,7 @@ from typing import Any
 from hostkit.build.targets import ResolvedTarget
 from hostkit.build.tuning.records import (
     META_FILE,
-    PREPARATION,
+    PREPARATIONS,
     RECORD_FILES,
     TARGET_FILE,
     VERSION_FILE,
@@ -62,7 +62,7 @@ def export_records(records: TuningRecords, model_name: str, identity: str,
     meta = records.meta()
     document = {
         "format": FORMAT, "model": model_name, "identity": identity,
-        "preparation": PREPARATION, "tvm_version": files[VERSION_FILE].strip(),
+        "preparation": records.preparation, "tvm_version": files[VERSION_FILE].strip(),
         "inventory_target": resolved.to_json(), "target_key": target_key(resolved),
         "target": json.loads(files[TARGET_FILE]), "meta": meta, "files": files,
     }
@@ -141,10 +141,12 @@ def import_records(path: Path, resolved: ResolvedTarget | None = None,
         raise TuneError(f"records in {path} were made with TVM {theirs}; this is TVM "
                         f"{tvm.__version__}", device=device, stage="records",
                         hint="tune here instead, or export them from a host with this TVM")
-    if document.get("preparation") != PREPARATION:
+    preparation = document.get("preparation")
+    if preparation not in PREPARATIONS:
         raise TuneError(f"records in {path} are for edgekit's model preparation "
-                        f"'{str(document.get('preparation'))[:40]}'; this edgekit prepares "
-                        f"'{PREPARATION}'", device=device, stage="records",
+                        f"'{str(preparation)[:40]}'; this edgekit prepares "
+                        f"{' or '.join(repr(p) for p in PREPARATIONS)}", device=device,
+                        stage="records",
                         hint="tune here instead; they would not match this build's kernels")
     _check_target(document, path)
     if resolved is not None and target_key(resolved) != document["target_key"]:
@@ -157,7 +159,8 @@ def import_records(path: Path, resolved: ResolvedTarget | None = None,
     if not key.isalnum() or not str(document["identity"]).isalnum():
         raise TuneError(f"{path} is not an edgekit records file (bad target key or identity)",
                         stage="records")
-    destination = tuning_root() / key / records_dir_name(str(document["identity"]))
+    destination = tuning_root() / key / records_dir_name(str(document["identity"]),
+                                                          str(preparation))
     records = _install(document, destination, path)
     meta = records.meta()
     return {**_summary(document, records.count(), destination),
@@ -252,7 +255,7 @@ def list_records() -> list[dict[str, Any]]:
             "trials": meta.get("trials", records.own_count()),
             "minutes": meta.get("minutes"), "best_ms": meta.get("estimated_ms"),
             "records": records.count(), "borrowed_tasks": meta.get("borrowed_tasks", 0),
-            "path": str(path),
+            "preparation": records.preparation, "path": str(path),
         })
     return rows
 

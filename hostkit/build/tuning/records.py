@@ -19,6 +19,10 @@ marks the weights (constants) as layout-free so the tuner may choose a blocked w
 after tuning the layout rewrite of each weight is folded into a new constant: the library's `main`
 still takes the input alone. Kernels are matched by their anchor block (the convolution), so a
 convolution tuned once serves every epilogue it appears with (bias, residual add, ReLU).
+
+A second preparation (`WINOGRAD`, `edgekit tune --winograd`) computes the 3x3 stride-1
+convolutions as Winograd F(4x4, 3x3) (`hostkit.build.winograd`); its records live in a folder of
+their own, and a build applies the model's records whose tune estimated the faster model.
 """
 
 from __future__ import annotations
@@ -39,12 +43,15 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_FILE",
-           "VERSION_FILE", "META_FILE", "PREPARATION", "MODULE_EQUALITY", "open_database", "prepare_module", "device_target",
-           "llvm_cpu_for", "target_key", "target_text", "tuning_root", "records_dir_name"]
+           "VERSION_FILE", "META_FILE", "PREPARATION", "WINOGRAD", "PREPARATIONS",
+           "MODULE_EQUALITY", "open_database", "prepare_module", "device_target", "llvm_cpu_for",
+           "target_key", "target_text", "tuning_root", "records_dir_name"]
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
-# The Relax preparation the records belong to; change it whenever `prepare_module` changes.
-PREPARATION = "nhwc-anchor-1"
+# The Relax preparations records belong to; change a name whenever its `prepare_module` changes.
+PREPARATION = "nhwc-anchor-1"  # every convolution direct
+WINOGRAD = "nhwc-winograd4-1"  # 3x3 stride-1 convolutions as Winograd F(4x4, 3x3)
+PREPARATIONS = (PREPARATION, WINOGRAD)
 # How MetaSchedule tells two kernels are the same task (tuning and applying must agree).
 MODULE_EQUALITY = "anchor-block"
 TARGET_FILE = "target.json"
@@ -65,6 +72,12 @@ ARM_CPU_PARTS: dict[str, str] = {
 @dataclass(frozen=True)
 class TuningRecords:
     work_dir: Path
+
+    @property
+    def preparation(self) -> str:
+        """The preparation the records were tuned with: the folder's name says it."""
+        name = self.work_dir.name
+        return next((p for p in PREPARATIONS if name.endswith(f"-{p}")), PREPARATION)
 
     def exists(self) -> bool:
         records = self.work_dir / RECORD_FILES[1]
@@ -144,7 +157,7 @@ class TuningRecords:
 
         tuned_target = self.tuned_target(target)
         with tuned_target:
-            prepared = prepare_module(mod, tuned_target)
+            prepared = prepare_module(mod, tuned_target, self.preparation)
             applied, coverage = apply_records(prepared, self.work_dir)
         return tvm.compile(applied, tuned_target), coverage
 
@@ -160,7 +173,8 @@ class Coverage:
         return f"{self.tuned}/{self.total}"
 
 
-def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
+def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
+                   preparation: str = PREPARATION) -> "tvm.IRModule":
     """The fused module whose TIR functions are tuned, and later looked up in the records.
 
     Batch norm is folded into the preceding convolution's weights while it is still one op
@@ -168,7 +182,8 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRM
     a bias-add and ReLU epilogue. Convolutions then run in NHWC (ReLU6 rewritten first so it
     follows them), and the layout conversions of the weights, like every other computation on
     constants, are folded before fusion: only the input and the output are transposed, once each.
-    The layout-free mark lets MetaSchedule rewrite weight layouts.
+    The layout-free mark lets MetaSchedule rewrite weight layouts. With the `WINOGRAD`
+    preparation the eligible convolutions are legalized as Winograd kernels instead.
     """
     from tvm import relax, transform
     from tvm.relax import transform as rt
@@ -178,11 +193,20 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRM
             rt.FoldBatchnormToConv2D(),
             rt.FoldConstant(),  # ConvertLayout crashes on the folded weights' unevaluated math
         ])(mod)
+        if preparation == WINOGRAD:
+            from hostkit.build.winograd import winograd_legalize_map
+
+            # The OHWI weights must be constants, not transposes of them, for the build-time
+            # weight transform.
+            legalize = [rt.FoldConstant(),
+                        rt.LegalizeOps(customize_legalize_map=winograd_legalize_map())]
+        else:
+            legalize = [rt.LegalizeOps()]
         return transform.Sequential([
             rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
             rt.DecomposeOpsForInference(),
             rt.CanonicalizeBindings(),
-            rt.LegalizeOps(),
+            *legalize,
             rt.AnnotateTIROpPattern(),
             rt.FoldConstant(),
             rt.FuseOps(),
@@ -352,11 +376,24 @@ def tuning_root() -> Path:
     return cache_dir() / "tuning"
 
 
-def records_dir_name(identity: str) -> str:
-    return f"{identity[:16]}-{PREPARATION}"
+def records_dir_name(identity: str, preparation: str = PREPARATION) -> str:
+    return f"{identity[:16]}-{preparation}"
 
 
-def records_for(model: LoadedModel, resolved: ResolvedTarget) -> TuningRecords:
-    """Where the records of this model on this target live (they may not exist yet)."""
-    return TuningRecords(tuning_root() / target_key(resolved)
-                         / records_dir_name(model.identity))
+def records_for(model: LoadedModel, resolved: ResolvedTarget,
+                preparation: str | None = None) -> TuningRecords:
+    """Where the records of this model on this target live (they may not exist yet).
+
+    With a `preparation`, that preparation's records; without, the records a build applies:
+    of the preparations with records, the one whose tune estimated the faster model (the
+    direct one where no estimate says otherwise).
+    """
+    folder = tuning_root() / target_key(resolved)
+    if preparation is not None:
+        return TuningRecords(folder / records_dir_name(model.identity, preparation))
+    candidates = [TuningRecords(folder / records_dir_name(model.identity, p))
+                  for p in PREPARATIONS]
+    tuned = [r for r in candidates if r.exists()]
+    if len(tuned) < 2:
+        return tuned[0] if tuned else candidates[0]
+    return min(tuned, key=lambda r: float(r.meta().get("estimated_ms") or float("inf")))

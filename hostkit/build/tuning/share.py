@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostkit.build.tuning.records import (
-    PREPARATION,
     TARGET_FILE,
     VERSION_FILE,
     TuningRecords,
@@ -54,7 +53,7 @@ def _siblings(records: TuningRecords, target: "tvm.target.Target") -> list[Tunin
     wanted = target_text(target)
     found = []
     for path in sorted(parent.iterdir()):
-        if path == records.work_dir or not path.name.endswith(f"-{PREPARATION}"):
+        if path == records.work_dir or not path.name.endswith(f"-{records.preparation}"):
             continue
         other = TuningRecords(path)
         try:
