@@ -90,10 +90,10 @@ def _torch_runner(model: Path, arrays: list[np.ndarray],
                   threads: int) -> Callable[[], list[np.ndarray]]:
     import torch
 
-    from devicekit.torch_ops import nms_by_class_op
+    from devicekit.torch_ops import register_ops
 
     torch.set_num_threads(threads)
-    nms_by_class_op()  # a detector's program holds edgekit's NMS, which loading needs
+    register_ops()  # a detector's program holds edgekit's and torchvision's operators
     module = torch.export.load(str(model)).module()
     tensors = [torch.from_numpy(a) for a in arrays]
 

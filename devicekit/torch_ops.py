@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["nms_by_class_op"]
+__all__ = ["nms_by_class_op", "register_ops"]
 
 
 def nms_by_class_op() -> Any:
@@ -44,3 +44,15 @@ def nms_by_class_op() -> Any:
             return scores.new_empty((count, 2), dtype=torch.int64)
 
     return torch.ops.edgekit.nms_by_class
+
+
+def register_ops() -> None:
+    """Register every operator a program exported by edgekit may hold, before loading one:
+    edgekit's NMS, and torchvision's own (`torchvision::roi_align`, `nms`: a Faster/Mask R-CNN
+    program holds them), which torchvision registers when it is imported. A board without
+    torchvision still loads classifiers, which need neither."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    nms_by_class_op()

@@ -115,3 +115,29 @@ def test_device_probe_of_an_unknown_engine() -> None:
 
     assert probe("tflite")["status"] == "failed"
     assert probe("onnxruntime")["status"] == "ok"
+
+
+def test_torch_engine_loads_a_program_holding_torchvision_operators(tmp_path: Path) -> None:
+    """A Faster/Mask R-CNN program holds `torchvision::roi_align`: the device's torch engine must
+    register torchvision's operators before loading it (a fresh process has not imported
+    torchvision; the failure was 'error when deserializing the saved file')."""
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision  # noqa: F401  (registers roi_align for the export here)
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            boxes = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]])
+            return torch.ops.torchvision.roi_align(x, boxes, 1.0, 2, 2, 2, False)
+
+    saved = tmp_path / "pool.pt2"
+    torch.export.save(torch.export.export(Pool(), (torch.rand(1, 2, 8, 8),)), str(saved))
+    code = ("import numpy as np, sys; from devicekit.baselines import _torch_runner; "
+            f"out = _torch_runner(__import__('pathlib').Path({str(saved)!r}), "
+            "[np.ones((1, 2, 8, 8), 'float32')], 1)(); print(out[0].shape)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "(1, 2, 2, 2)"
