@@ -9,6 +9,7 @@ torchvision classifier's seeded outputs have a magnitude of order one, not dead 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +72,27 @@ def test_failed_check_summary_says_what_was_compared(daemon: Any, write_inventor
     assert "edgekit: error: dev: outputs differ from PyTorch: relative error" in captured.err
 
 
-def _classifiers() -> list[str]:
+def _one_classifier_per_architecture() -> list[str]:
+    """torchvision's classifiers, one per architecture (`vit`, `regnet`, `resnet`, ...): the
+    seeded initialisation is per layer kind, so sizes of one architecture prove nothing more, and
+    all 80 (vit_h_14, regnet_y_128gf) cost CI five minutes. The shortest name of each stands."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    names = torchvision.models.list_models(module=torchvision.models)
+    first: dict[str, str] = {}
+    for name in sorted(names, key=lambda n: (len(n), n)):
+        first.setdefault(re.match(r"[a-z]+", name).group(0), name)  # type: ignore[union-attr]
+    return sorted(first.values())
 
 
 @pytest.mark.slow
-def test_every_classifier_has_live_outputs() -> None:
-    """Seeded outputs above 1e-3 with a spread of order one, for every torchvision classifier."""
+def test_every_classifier_architecture_has_live_outputs() -> None:
+    """Seeded outputs above 1e-3 with a spread of order one, for every torchvision classifier
+    architecture."""
     from hostkit.models import ModelSpec, load_model
 
     dead = []
-    for name in _classifiers():
+    for name in _one_classifier_per_architecture():
         logits = load_model(ModelSpec(name)).reference()[0].ravel()
         magnitude, spread = float(np.abs(logits).max()), float(logits.std())
         if not (magnitude >= 1e-3 and 0.1 <= spread):
