@@ -105,9 +105,10 @@ class Relay:
         self._tell("progress")
 
     def settle(self, timeout: float = 3.0) -> None:
-        """Wait for the relay's last word after a failed call: did it stall, did the peer go?"""
-        if self.proc.poll() is None and not self._ended.is_set():
-            self._ended.wait(timeout)
+        """Wait for the relay's last word after a failed call: did it stall, did the peer go?
+        A relay that already exited may still have lines (`stalled ...`) the reader has not
+        taken: its end of output, not its exit, is the last word."""
+        self._ended.wait(timeout)
 
     def close(self) -> None:
         """Cut both sides: a call blocked in TVM's client returns with an error at once."""
