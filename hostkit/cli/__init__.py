@@ -200,10 +200,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _bench_plan(args: argparse.Namespace, inventory: Inventory) -> tuple[list[Device], list[str]]:
     """The devices and models a bench runs: from flags, or the failed rows of a results file."""
     if args.rerun_failed is not None:
+        from hostkit.report.compare import failed_records
+
         if args.models:
             raise EdgekitError("--rerun-failed takes its models from the results file; give "
                                "no model names with it")
-        failed = _failed_records(args.rerun_failed)
+        failed = failed_records(args.rerun_failed)
         if not failed:
             raise EdgekitError(f"{args.rerun_failed}: every row is ok; nothing to run again")
         names = list(dict.fromkeys(str(r["device"]) for r in failed))
@@ -239,9 +241,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if lines:
             lines.close()
     if args.rerun_failed is not None:  # only the pairs that failed, not every model everywhere
+        from hostkit.report.compare import failed_records
+
         wanted = {(r.device, r.requested) for r in results}
         failed = {(str(r["device"]), str(r.get("requested") or r["model"]))
-                  for r in _failed_records(args.rerun_failed)}
+                  for r in failed_records(args.rerun_failed)}
         results = [r for r in results if (r.device, r.requested) in failed & wanted]
     # The table comes first: whatever happens to a file, what was measured is shown.
     if args.json:
@@ -266,12 +270,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("edgekit: interrupted; the table shows what finished", file=terminal())
         return 130
     return 0 if all(r.ok for r in results) and not problems else 1
-
-
-def _failed_records(path: Path) -> list[dict[str, Any]]:
-    from hostkit.report.compare import load_records
-
-    return [r for r in load_records(path) if r.get("status") != "ok"]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

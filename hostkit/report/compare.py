@@ -18,7 +18,7 @@ from typing import Any
 from hostkit.defaults import CHECK_RTOL
 from hostkit.errors import EdgekitError
 
-__all__ = ["Change", "compare_runs", "load_records", "MAX_SLOWDOWN"]
+__all__ = ["Change", "compare_runs", "failed_records", "load_records", "MAX_SLOWDOWN"]
 
 MAX_SLOWDOWN = 0.10
 
@@ -59,6 +59,11 @@ def load_records(path: Path) -> list[dict[str, Any]]:
             isinstance(r, dict) and "device" in r and "model" in r for r in records):
         raise EdgekitError(f"{path} holds no edgekit result records (from `edgekit bench --json`)")
     return records
+
+
+def failed_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a results file that did not pass (what `bench --rerun-failed` runs)."""
+    return [r for r in load_records(path) if r.get("status") != "ok"]
 
 
 def compare_runs(old: list[dict[str, Any]], new: list[dict[str, Any]],
