@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["ResolvedTarget", "resolve_target", "check_cross_compiler", "check_inventory_targets",
-           "CROSS_TOOLCHAINS", "arch_of_triple", "complete_from_device"]
+           "CROSS_TOOLCHAINS", "arch_of_triple", "complete_from_device", "for_device_cpu",
+           "llvm_cpu_for", "ARM_CPU_PARTS"]
 
 log = logging.getLogger("edgekit")
 # Verdicts kept in the cache: enough for every target a fleet has, bounded whatever is tried.
@@ -47,6 +48,15 @@ CROSS_TOOLCHAINS: dict[str, tuple[str, str]] = {
     "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
     "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
     "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
+}
+
+
+# Arm's MIDR "CPU part" numbers (what /proc/cpuinfo reports on arm64 boards) -> LLVM's -mcpu.
+ARM_CPU_PARTS: dict[str, str] = {
+    "0xd03": "cortex-a53", "0xd04": "cortex-a35", "0xd05": "cortex-a55", "0xd07": "cortex-a57",
+    "0xd08": "cortex-a72", "0xd09": "cortex-a73", "0xd0a": "cortex-a75", "0xd0b": "cortex-a76",
+    "0xd0c": "neoverse-n1", "0xd0d": "cortex-a77", "0xd40": "neoverse-v1", "0xd41": "cortex-a78",
+    "0xd44": "cortex-x1", "0xd46": "cortex-a510", "0xd47": "cortex-a710", "0xd49": "neoverse-n2",
 }
 
 
@@ -124,6 +134,48 @@ def complete_from_device(device: Device, resolved: ResolvedTarget,
                           stage="target")
     completed = device.with_overrides(target={**dict(spec), "arch": str(gpus[0]["arch"])})
     return resolve_target(completed)
+
+
+def for_device_cpu(resolved: ResolvedTarget, info: dict[str, Any]) -> ResolvedTarget:
+    """An LLVM target that names no `mcpu`, for the device's own CPU where edgekit can name it
+    (`llvm_cpu_for`, as tuning does), so an untuned build uses its vector extensions too (AVX-512,
+    VNNI for int8); any other target as it is. Records stay keyed by the inventory's target."""
+    import tvm
+
+    spec = {k: v for k, v in resolved.to_json().items() if k not in ("keys", "tag")}
+    if resolved.kind != "llvm" or spec.get("mcpu"):
+        return resolved
+    mcpu = llvm_cpu_for(info)
+    if not mcpu:
+        return resolved
+    spec["mcpu"] = mcpu
+    return ResolvedTarget(target=tvm.target.Target(spec), triple=resolved.triple,
+                          kind=resolved.kind)
+
+
+def _host_cpu_model() -> str:
+    from devicekit.info import device_info  # the same reading the daemon reports
+
+    return str(device_info(with_gpus=False)["cpu"])
+
+
+def llvm_cpu_for(info: dict[str, Any]) -> str | None:
+    """LLVM's name for the device's CPU, or None when edgekit cannot tell it reliably.
+
+    A device with this machine's architecture and CPU model gets LLVM's detection of the host CPU
+    (its vector extensions, e.g. AVX-512, are the device's too); an Arm board is named by its
+    CPU part number. Anything else stays generic, which is slower but never wrong.
+    """
+    arch = arch_of_triple(str(info.get("arch", "")))
+    cpu = str(info.get("cpu", "")).strip()
+    if arch in ("aarch64", "arm"):
+        return ARM_CPU_PARTS.get(cpu.lower())
+    if arch == arch_of_triple(platform.machine()) and cpu and cpu == _host_cpu_model():
+        from tvm.target import codegen
+
+        name = str(codegen.llvm_get_system_cpu())
+        return name if name and name != "generic" else None
+    return None
 
 
 def _spec(device: Device) -> Any:

@@ -173,7 +173,7 @@ def _connect_and_run(device: Device, specs: Sequence[ModelSpec], results: list[R
     Nothing is retried once a model started running on the device: a second try could measure
     a board in another state, and half of a benchmark is not a result.
     """
-    from hostkit.build.targets import complete_from_device
+    from hostkit.build.targets import complete_from_device, for_device_cpu
     from hostkit.run.remote import DeviceSession, check_versions
     from hostkit.transport import make_transport
 
@@ -190,7 +190,7 @@ def _connect_and_run(device: Device, specs: Sequence[ModelSpec], results: list[R
                     resolved = complete_from_device(device, resolved, info)
                     started = True
                     for index, (spec, result) in enumerate(zip(specs, results)):
-                        result.target = resolved.describe()
+                        result.target = for_device_cpu(resolved, info).describe()
                         result.device_info = info
                         _run_one(session, device, spec, result, options, models, resolved,
                                  cross_cc, note)
@@ -289,6 +289,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
              cross_cc: str | None,
              note: Callable[[str, str, str], None]) -> None:
     from hostkit.build.compiler import build_artifact
+    from hostkit.build.targets import for_device_cpu
     from hostkit.build.tuning.records import records_for
 
     try:
@@ -301,7 +302,8 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         tuning = records_for(model, resolved) if options.use_tuning else None
         note(device.name, spec.name, "compiling (cached when unchanged)")
         with models.compile_lock:
-            artifact = build_artifact(model, resolved, fmt=device.format, cross_compiler=cross_cc,
+            artifact = build_artifact(model, for_device_cpu(resolved, result.device_info),
+                                      fmt=device.format, cross_compiler=cross_cc,
                                       tuning=tuning, device=device.name,
                                       kernels=device.cuda_kernels)
         result.artifact_sha256, result.artifact_bytes = artifact.sha256, artifact.size

@@ -120,8 +120,8 @@ def test_foreign_log_handlers_do_not_break_metaschedule(tmp_path: Path) -> None:
 def test_device_target_names_the_cpu() -> None:
     import tvm
 
-    from hostkit.build.targets import ResolvedTarget
-    from hostkit.build.tuning.records import _host_cpu_model, device_target, llvm_cpu_for
+    from hostkit.build.targets import ResolvedTarget, _host_cpu_model, for_device_cpu, llvm_cpu_for
+    from hostkit.build.tuning.records import device_target
 
     assert llvm_cpu_for({"arch": "aarch64", "cpu": "0xd08", "cores": 4}) == "cortex-a72"
     assert llvm_cpu_for({"arch": "aarch64", "cpu": "0xfff", "cores": 4}) is None
@@ -139,6 +139,16 @@ def test_device_target_names_the_cpu() -> None:
     kept = device_target(ResolvedTarget(pinned, "aarch64-linux-gnu", "llvm"),
                          {"arch": "aarch64", "cpu": "0xd08", "cores": 4})
     assert str(kept.attrs["mcpu"]) == "cortex-a53" and int(kept.attrs["num-cores"]) == 2
+
+    # Untuned builds get the device's CPU too, and nothing else of what tuning adds.
+    built = for_device_cpu(ResolvedTarget(arm, "aarch64-linux-gnu", "llvm"),
+                           {"arch": "aarch64", "cpu": "0xd08", "cores": 4})
+    assert str(built.target.attrs["mcpu"]) == "cortex-a72" and "num-cores" not in built.to_json()
+    assert built.triple == "aarch64-linux-gnu" and "cortex-a72" in built.describe()
+    assert for_device_cpu(ResolvedTarget(pinned, "aarch64-linux-gnu", "llvm"),
+                          {"arch": "aarch64", "cpu": "0xd08"}).target.attrs["mcpu"] == "cortex-a53"
+    unknown = ResolvedTarget(arm, "aarch64-linux-gnu", "llvm")
+    assert for_device_cpu(unknown, {"arch": "aarch64", "cpu": "0xfff"}) is unknown
 
 
 @pytest.mark.integration

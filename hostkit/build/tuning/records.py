@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hostkit.build.targets import ResolvedTarget, arch_of_triple
+from hostkit.build.targets import ResolvedTarget, llvm_cpu_for
 from hostkit.defaults import cache_dir
 from hostkit.errors import TuneError
 from hostkit.models import LoadedModel
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_FILE",
            "VERSION_FILE", "META_FILE", "PREPARATION", "WINOGRAD", "PREPARATIONS",
-           "MODULE_EQUALITY", "open_database", "prepare_module", "device_target", "llvm_cpu_for",
+           "MODULE_EQUALITY", "open_database", "prepare_module", "device_target",
            "target_key", "target_text", "tuning_root", "records_dir_name"]
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -59,15 +58,6 @@ VERSION_FILE = "tvm_version"  # the TVM that wrote the records
 # What `edgekit records list` shows: the model, trials and minutes spent, the best estimate, and the
 # records taken from other models. Not part of the fingerprint: it describes, it is not applied.
 META_FILE = "meta.json"
-
-# Arm's MIDR "CPU part" numbers (what /proc/cpuinfo reports on arm64 boards) -> LLVM's -mcpu.
-ARM_CPU_PARTS: dict[str, str] = {
-    "0xd03": "cortex-a53", "0xd04": "cortex-a35", "0xd05": "cortex-a55", "0xd07": "cortex-a57",
-    "0xd08": "cortex-a72", "0xd09": "cortex-a73", "0xd0a": "cortex-a75", "0xd0b": "cortex-a76",
-    "0xd0c": "neoverse-n1", "0xd0d": "cortex-a77", "0xd40": "neoverse-v1", "0xd41": "cortex-a78",
-    "0xd44": "cortex-x1", "0xd46": "cortex-a510", "0xd47": "cortex-a710", "0xd49": "neoverse-n2",
-}
-
 
 @dataclass(frozen=True)
 class TuningRecords:
@@ -326,31 +316,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value"):  # IntImm / FloatImm
         return value.value
     return str(value)
-
-
-def _host_cpu_model() -> str:
-    from devicekit.info import device_info  # the same reading the daemon reports
-
-    return str(device_info(with_gpus=False)["cpu"])
-
-
-def llvm_cpu_for(info: dict[str, Any]) -> str | None:
-    """LLVM's name for the device's CPU, or None when edgekit cannot tell it reliably.
-
-    A device with this machine's architecture and CPU model gets LLVM's detection of the host CPU
-    (its vector extensions, e.g. AVX-512, are the device's too); an Arm board is named by its
-    CPU part number. Anything else stays generic, which is slower but never wrong.
-    """
-    arch = arch_of_triple(str(info.get("arch", "")))
-    cpu = str(info.get("cpu", "")).strip()
-    if arch in ("aarch64", "arm"):
-        return ARM_CPU_PARTS.get(cpu.lower())
-    if arch == arch_of_triple(platform.machine()) and cpu and cpu == _host_cpu_model():
-        from tvm.target import codegen
-
-        name = str(codegen.llvm_get_system_cpu())
-        return name if name and name != "generic" else None
-    return None
 
 
 def device_target(resolved: ResolvedTarget, info: dict[str, Any]) -> "tvm.target.Target":
