@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 5
+PIPELINE_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,9 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
                 executable, coverage = tuning.compile(mod, target.target)
                 tuned = coverage.tuned > 0
             else:
-                import tvm
+                from hostkit.build.cpu_schedule import compile_untuned
 
-                executable = tvm.compile(mod, target.target)
+                executable = compile_untuned(mod, target.target)
     except EdgekitError:  # already one line for the user (e.g. records from another TVM)
         raise
     except Exception as exc:

@@ -64,10 +64,10 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
             continue
         rows.append((symbol, calls, per_run_ms, entry["shapes"]))
     total = sum(r[2] for r in rows) + builtin_ms
-    out = [KernelRow(name=_pretty(symbol, shapes), symbol=symbol, calls=calls,
+    out = [KernelRow(name=_pretty(symbol, shapes, tuned), symbol=symbol, calls=calls,
                      total_ms=ms, mean_ms=ms / calls if calls else 0.0,
-                     share=ms / total if total else 0.0, gflops=_gflops(symbol, shapes, ms / calls
-                                                                        if calls else 0.0),
+                     share=ms / total if total else 0.0,
+                     gflops=_gflops(symbol, shapes, ms / calls if calls else 0.0, tuned),
                      tuned=tuned)
            for symbol, calls, ms, shapes in rows]
     if builtin_calls:
@@ -97,25 +97,29 @@ def _ops(symbol: str) -> list[str]:
     return ops or [symbol]
 
 
-def _conv(shapes: list[list[int]]) -> tuple[int, int, int, int, int, int, int] | None:
+def _conv(shapes: list[list[int]],
+          tuned: bool) -> tuple[int, int, int, int, int, int, int] | None:
     """(kh, kw, in channels, out channels, out height, out width, inputs per output) of a
-    convolution kernel from its buffers, in NCHW/OIHW or NHWC/OHWI; None when the weights were
+    convolution kernel from its buffers, in NCHW/OIHW, or NHWC with OHWI weights (tuned builds)
+    or HWIO weights (untuned builds, `hostkit.build.cpu_schedule`); None when the weights were
     rewritten into a blocked layout (tuned kernels) and the layout cannot be told."""
     if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[1]) != 4 or len(shapes[-1]) != 4:
         return None
     data, w, out = shapes[0], shapes[1], shapes[-1]
     if w[0] == out[1] and w[1] and data[1] % w[1] == 0:  # NCHW data, OIHW weights
         return w[2], w[3], data[1], w[0], out[2], out[3], w[1]
-    if w[0] == out[3] and w[3] and data[3] % w[3] == 0:  # NHWC data, OHWI weights
+    if tuned and w[0] == out[3] and w[3] and data[3] % w[3] == 0:  # NHWC data, OHWI weights
         return w[1], w[2], data[3], w[0], out[1], out[2], w[3]
+    if not tuned and w[3] == out[3] and w[2] and data[3] % w[2] == 0:  # NHWC, HWIO weights
+        return w[0], w[1], data[3], w[3], out[1], out[2], w[2]
     return None
 
 
-def _pretty(symbol: str, shapes: list[list[int]]) -> str:
+def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:
     ops = _ops(symbol)
     head, rest = ops[0], ops[1:]
     tail = f" (+ {', '.join(dict.fromkeys(rest))})" if rest else ""
-    conv = _conv(shapes) if head == "conv2d" else None
+    conv = _conv(shapes, tuned) if head == "conv2d" else None
     if conv is not None:
         kh, kw, cin, cout, oh, ow, _ = conv
         return f"conv2d {kh}x{kw} {cin}->{cout} @{oh}x{ow}{tail}"
@@ -124,12 +128,13 @@ def _pretty(symbol: str, shapes: list[list[int]]) -> str:
     return f"{head}{tail}"
 
 
-def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float) -> float | None:
+def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float,
+            tuned: bool) -> float | None:
     ops = _ops(symbol)
     if not mean_ms or not shapes:
         return None
     flops = None
-    conv = _conv(shapes) if ops[0] == "conv2d" else None
+    conv = _conv(shapes, tuned) if ops[0] == "conv2d" else None
     if conv is not None:
         kh, kw, _, cout, oh, ow, per_output = conv
         flops = 2 * shapes[-1][0] * cout * oh * ow * per_output * kh * kw

@@ -43,3 +43,15 @@ def test_nhwc_kernels_of_a_tuned_build_are_named_too() -> None:
         2 * 32 * 32 * 16 * 3 * 9 / 1e-3 / 1e9, abs=0.05)
     assert rows["conv2d1"].name == "conv2d" and rows["conv2d1"].gflops is None, \
         "a blocked weight layout is not guessed at"
+
+
+def test_nhwc_kernels_of_an_untuned_build_are_named_from_hwio_weights() -> None:
+    raw = {"fused_conv2d_add_relu": {"calls": 1, "seconds": 0.001,
+                                     "shapes": [[1, 32, 32, 3], [3, 3, 3, 16], [1, 1, 1, 16],
+                                                [1, 32, 32, 16]]},
+           "conv2d1": {"calls": 1, "seconds": 0.001,  # depthwise: one input per output
+                       "shapes": [[1, 16, 16, 32], [3, 3, 1, 32], [1, 16, 16, 32]]}}
+    rows = {row.symbol: row for row in kernel_rows(raw, 1, False, None).rows}
+    assert rows["fused_conv2d_add_relu"].name == "conv2d 3x3 3->16 @32x32 (+ add, relu)"
+    assert rows["conv2d1"].name == "conv2d 3x3 32->32 @16x16"
+    assert rows["conv2d1"].gflops == pytest.approx(2 * 16 * 16 * 32 * 9 / 1e-3 / 1e9, abs=0.05)

@@ -1,0 +1,197 @@
+"""Untuned CPU builds: convolutions in NHWC, and a default schedule for every kernel.
+
+Without tuning records TVM compiles each kernel as the loop nest Relax legalized it into: one
+thread, no vectors, an NCHW convolution's padding check in its innermost loop. That made an
+untuned ResNet-18 about 40 times slower than PyTorch. Here an untuned LLVM build
+(`compile_untuned`) first runs its convolutions in NHWC with HWIO weights (folded into new
+constants at build time), so a convolution's innermost output axis is its output channels and
+every weight row it reads is contiguous, and then gives each kernel nobody scheduled
+(`default_schedule`, after fusion) the schedule a person would write first:
+
+- elementwise blocks inlined into their elementwise neighbours, never into a reduction (a
+  padding block inlined into a convolution is recomputed for every use, its bounds check in
+  the innermost loop);
+- each remaining block's spatial loops outermost, fused and parallel over the cores;
+- its innermost spatial loop split to the target's vector width and vectorized;
+- a reduction (a convolution, a matmul) accumulating in registers: four rows of the next
+  spatial axis unrolled beside the vector, written back once per block of output.
+
+Measured side by side on the 2-core build machine (untuned, one run each): ResNet-18 fp32 2.5-3.2 s
+-> 0.28 s, MobileNetV2 fp32 348 -> 36 ms, MobileNetV2 int8 64 -> 17 ms, outputs unchanged
+against PyTorch. A kernel the rule cannot schedule stays as it was; scheduling never changes
+what a kernel computes. edgekit's VNNI kernels are marked scheduled and left alone; a tuned
+build applies its records instead of this.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+__all__ = ["compile_untuned", "nhwc_convolutions", "default_schedule", "build_pipeline"]
+
+UNROLL = 4  # rows of the next output axis accumulated beside each vector
+
+
+def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
+    """`mod` with its 2-D convolutions in NHWC and their (constant) weights folded to HWIO."""
+    import tvm
+    from tvm.relax import transform as rt
+
+    with target:
+        return tvm.transform.Sequential([
+            rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+            rt.FoldConstant(),
+        ])(mod)
+
+
+def build_pipeline(target: "tvm.target.Target") -> "tvm.transform.Pass":
+    """TVM's CPU pipeline with the default schedule applied to every unscheduled kernel, after
+    fusion and before the module is lowered."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgekitCPUPipeline")
+    def pipeline(mod: "tvm.IRModule", _ctx: Any) -> "tvm.IRModule":
+        with target:
+            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                      + [dlight.ApplyDefaultSchedule(default_schedule())]
+                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            result: tvm.IRModule = tvm.transform.Sequential(passes)(mod)
+        return result
+
+    return pipeline
+
+
+def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target") -> Any:
+    """The executable of an untuned build: for an LLVM target in NHWC with default schedules,
+    for any other target as TVM compiles it."""
+    import tvm
+
+    if str(target.kind.name) != "llvm":
+        return tvm.compile(mod, target)
+    return tvm.compile(nhwc_convolutions(mod, target), target,
+                       relax_pipeline=build_pipeline(target))
+
+
+def default_schedule() -> Any:
+    """The dlight rule applying the schedule this module describes to one kernel, or leaving
+    it as it was (None) when a step does not fit it (opaque blocks, dynamic loops)."""
+    from tvm import tirx
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    class DefaultCPUSchedule(CPUScheduleRule):
+        def apply(self, func: Any, target: "tvm.target.Target", _tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            try:
+                return _schedule(func, _vector_bits(target))
+            except Exception:  # scheduling failed part way: the kernel stays as it was
+                return None
+
+    return DefaultCPUSchedule()
+
+
+def _vector_bits(target: "tvm.target.Target") -> int:
+    from tvm.target import codegen
+
+    try:
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:
+        bits = 0
+    return bits if bits > 0 else 128
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent.value) if hasattr(extent, "value") else None
+
+
+def _schedule(func: Any, vector_bits: int) -> Any:
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    blocks = normalize_prim_func(sch)
+    if blocks is None:
+        return None
+    scheduled = [_schedule_block(sch, info, vector_bits) for info in _inline(sch, blocks)]
+    return sch if any(scheduled) else None
+
+
+def _inline(sch: Any, blocks: list[Any]) -> list[Any]:
+    """Inline elementwise blocks into elementwise consumers (or, failing that, elementwise
+    producers); returns the blocks left."""
+    def any_reduction(rvs: list[Any]) -> bool:
+        stmts = [sch.get(rv) for rv in rvs]
+        return any(not info.is_injective() for info in blocks
+                   if any(sch.get(info.block_rv).same_as(stmt) for stmt in stmts))
+
+    changed = True
+    while changed:
+        changed = False
+        for index, info in enumerate(blocks):
+            if not info.is_injective():
+                continue
+            try:
+                consumers = sch.get_consumers(info.block_rv)
+                if consumers and not any_reduction(consumers):
+                    sch.compute_inline(info.block_rv)
+                else:
+                    producers = sch.get_producers(info.block_rv)
+                    if not producers or any_reduction(producers):
+                        continue
+                    sch.reverse_compute_inline(info.block_rv)
+            except Exception:  # not inlinable (e.g. it writes the function's output): keep it
+                continue
+            blocks.pop(index)
+            changed = True
+            break
+    return blocks
+
+
+def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:
+    """Schedule one block; False when its loops are not plain spatial and reduction loops."""
+    block = info.block_rv
+    loops = sch.get_loops(block)
+    kinds = info.dom_kind()
+    if not loops or "O" in kinds or len(kinds) != len(loops):
+        return False
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    if not spatial:
+        return False
+    stmt = sch.get(block)
+    bits = int(stmt.writes[0].source.dtype.bits) if stmt.writes else 32
+    lanes = max(vector_bits // max(bits, 8), 4)
+    vector = None
+    extent = _extent(sch, spatial[-1])
+    if extent is not None:
+        width = lanes
+        while width > 1 and extent % width:
+            width //= 2
+        if width >= 4:
+            spatial[-1], vector = sch.split(spatial[-1], factors=[None, width])
+    unrolled = None
+    if reduce and vector is not None:
+        for index, loop in enumerate(spatial):
+            rows = _extent(sch, loop)
+            if rows is not None and rows >= 2 * UNROLL and rows % UNROLL == 0:
+                spatial[index], unrolled = sch.split(loop, factors=[None, UNROLL])
+                break
+    inner = [loop for loop in (unrolled, vector) if loop is not None]
+    sch.reorder(*spatial, *reduce, *inner)
+    outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    sch.parallel(outer)
+    if unrolled is not None:
+        sch.unroll(unrolled)
+    if vector is not None:
+        sch.vectorize(vector)
+        if reduce:
+            accumulator = sch.cache_write(block, 0, "local")
+            sch.reverse_compute_at(accumulator, outer)
+            sch.vectorize(sch.get_loops(accumulator)[-1])
+    return True

@@ -1,0 +1,80 @@
+"""The default schedule of untuned CPU builds: parallel, vectorized, and computing the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def _loop_kinds(func: Any) -> set[Any]:
+    import tvm_ffi
+    from tvm import tirx
+
+    kinds: set[Any] = set()
+
+    def visit(node: Any) -> None:
+        kinds.add(tirx.ForKind(int(node.kind)))
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)], order="post")
+    return kinds
+
+
+def _run(func: Any, target: Any, args: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+    import tvm
+
+    lib = tvm.compile(func, target)
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    out = tvm.runtime.tensor(np.zeros(out_shape, dtype="float32"))
+    lib(*tensors, out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_convolution_gets_threads_vectors_and_the_same_result(layout: str) -> None:
+    import tvm
+    from tvm import te, tirx, topi
+
+    from hostkit.build.cpu_schedule import default_schedule
+
+    target = tvm.target.Target({"kind": "llvm"})
+    if layout == "NCHW":
+        data, weight = te.placeholder((1, 8, 12, 16)), te.placeholder((16, 8, 3, 3))
+        conv = topi.nn.conv2d_nchw(data, weight, 1, 1, 1)
+    else:
+        data, weight = te.placeholder((1, 12, 16, 8)), te.placeholder((3, 3, 8, 16))
+        conv = topi.nn.conv2d_nhwc(data, weight, 1, 1, 1)
+    relu = topi.nn.relu(conv)
+    func = te.create_prim_func([data, weight, relu])
+
+    scheduled = default_schedule().apply(func, target, False)
+    assert scheduled is not None, "the rule fits a plain convolution"
+    kinds = _loop_kinds(scheduled.mod["main"])
+    assert {tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED} <= kinds, kinds
+
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(d) for d in t.shape]).astype("float32")
+            for t in (data, weight)]
+    shape = tuple(int(d) for d in relu.shape)
+    plain = _run(func, target, args, shape)
+    fast = _run(scheduled.mod["main"], target, args, shape)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    assert np.abs(plain).max() > 0
+
+
+def test_a_kernel_the_rule_cannot_fit_is_left_as_it_was() -> None:
+    """A loop nest with an opaque (non-affine) write is no block the rule understands: None."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from hostkit.build.cpu_schedule import default_schedule
+
+    @T.prim_func(s_tir=True)
+    def scatter(a: T.Buffer((16,), "int32"), b: T.Buffer((16,), "float32")) -> None:
+        for i in range(16):
+            with T.sblock("scatter"):
+                vi = T.axis.opaque(16, i)
+                b[a[vi] % 16] = T.float32(1)
+
+    assert default_schedule().apply(scatter, tvm.target.Target({"kind": "llvm"}), False) is None
