@@ -192,7 +192,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
             else:
                 from hostkit.build.cpu_schedule import compile_untuned
 
-                executable = compile_untuned(mod, target.target)
+                executable = compile_untuned(mod, target.target,
+                                             exact=model.precision == "int8")
     except EdgekitError:  # already one line for the user (e.g. records from another TVM)
         raise
     except Exception as exc:
