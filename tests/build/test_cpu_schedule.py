@@ -78,3 +78,26 @@ def test_a_kernel_the_rule_cannot_fit_is_left_as_it_was() -> None:
                 b[a[vi] % 16] = T.float32(1)
 
     assert default_schedule().apply(scatter, tvm.target.Target({"kind": "llvm"}), False) is None
+
+
+def test_exact_builds_keep_float_multiplies_out_of_adds() -> None:
+    """An int8 model's requantize, x * s + b: inlined, LLVM fuses it into one FMA (one rounding
+    where PyTorch has two); an exact build keeps the multiply in a block of its own."""
+    import tvm
+    from tvm import te
+
+    from hostkit.build.cpu_schedule import default_schedule
+
+    x = te.placeholder((4, 64))
+    scaled = te.compute(x.shape, lambda i, j: x[i, j] * 0.1, name="scaled")
+    shifted = te.compute(x.shape, lambda i, j: scaled[i, j] + 0.5, name="shifted")
+    func = te.create_prim_func([x, shifted])
+    target = tvm.target.Target({"kind": "llvm"})
+
+    def blocks(exact: bool) -> int:
+        scheduled = default_schedule(exact).apply(func, target, False)
+        assert scheduled is not None
+        return scheduled.mod["main"].script().count("with T.sblock(") - 1  # less the root
+
+    assert blocks(exact=False) == 1, "elementwise neighbours are inlined"
+    assert blocks(exact=True) == 2, "the multiply keeps its own block"
