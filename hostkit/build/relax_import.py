@@ -212,8 +212,12 @@ def _nms(node: Any, imp: Any) -> Any:
     count = node.args[0].meta["val"].shape[0]
     n = imp.shape_of(boxes)[0]
     order = bb.emit(relax.op.argsort(scores, axis=0, descending=True, dtype="int64"))
-    ranked = bb.emit(relax.op.arange(relax.prim_value(n), relax.prim_value(0),
-                                     relax.prim_value(-1), "float32"))
+    # n - [0, 1, ..., n-1]: Relax's arange sizes a negative step wrongly (n, 0, -1 gives n + 2
+    # elements: its ceil-division assumes a positive step), which a static n refuses to reshape.
+    total = bb.emit(relax.op.astype(bb.emit(relax.op.shape_to_tensor(relax.ShapeExpr([n]))),
+                                    "float32"))
+    ranked = bb.emit(relax.op.subtract(total, bb.emit(relax.op.arange(
+        relax.prim_value(0), relax.prim_value(n), relax.prim_value(1), "float32"))))
     threshold = float(np.nextafter(np.float32(iou), np.float32(2)))
     found = bb.emit(relax.op.vision.all_class_non_max_suppression(
         bb.emit(relax.op.expand_dims(bb.emit(relax.op.take(boxes, order, axis=0)), 0)),

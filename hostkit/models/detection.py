@@ -24,7 +24,9 @@ met while exporting only (`exportable()`), never in the model PyTorch's referenc
 
 Seeded random weights put few boxes above torchvision's score thresholds, and two empty lists
 are no check, so a seeded detector is built with a score threshold of 0 (every box NMS keeps, up
-to the model's per-image limit). With `--weights` the thresholds are torchvision's.
+to the model's per-image limit). With `--weights` the thresholds are torchvision's. A seeded
+R-CNN's box regressors are scaled to the spread of the targets they would learn
+(`seeded_regression`), where `hostkit.models.init` leaves every layer at unit spread.
 """
 
 from __future__ import annotations
@@ -34,13 +36,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["DEFAULT_SHAPES", "detector_kwargs", "exportable", "paste_masks", "OUTPUTS"]
+__all__ = ["DEFAULT_SHAPES", "detector_kwargs", "exportable", "paste_masks", "OUTPUTS",
+           "seeded_regression", "TARGET_SPREAD"]
 
 # SSD resizes to its fixed square; the others see the input at its own size.
 DEFAULT_SHAPES = {"ssd300_vgg16": (1, 3, 300, 300)}
 DEFAULT_SHAPE = (1, 3, 320, 320)
 # What a detector returns for one image, in torchvision's order.
 OUTPUTS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+# The spread of Fast R-CNN's box regression targets (dx, dy, dw, dh) of proposals matched to
+# objects, before a box coder's weights, which are chosen to bring them to unit spread: the RoI
+# heads' coder (10, 10, 5, 5) does, the RPN's (1, 1, 1, 1) keeps them as they are.
+TARGET_SPREAD = (0.1, 0.1, 0.2, 0.2)
 
 
 def detector_kwargs(name: str, shape: tuple[int, ...], seeded: bool) -> dict[str, Any]:
@@ -53,6 +60,35 @@ def detector_kwargs(name: str, shape: tuple[int, ...], seeded: bool) -> dict[str
         rcnn = "rcnn" in name
         kwargs["box_score_thresh" if rcnn else "score_thresh"] = 0.0
     return kwargs
+
+
+def seeded_regression(module: Any) -> None:
+    """A seeded R-CNN's box regressors at the spread of the targets they would learn
+    (`TARGET_SPREAD` times their box coder's weights); other detectors are left as they are.
+
+    `hostkit.models.init` gives every layer outputs of unit spread; for the RPN, whose coder
+    weights are 1, that means size deltas of spread 1, exponentiated: proposals up to e^4 times
+    their anchors, most of them clipped to the whole image. Then float32's relative error of
+    1e-4 at the end of the backbone moves proposals by up to 0.1 px, RoIAlign samples the
+    random features elsewhere, and the class scores move by 2e-3 (float32 against float64
+    PyTorch, fasterrcnn_resnet50_fpn_v2 at 256x256; 5e-5 for the same proposals), past the
+    check's 1e-3, on the device and in PyTorch alike. At the targets' spread, 0.004 px and 1e-4.
+    The RoI heads' coder (10, 10, 5, 5) already makes unit spread right for them.
+    """
+    import torch
+
+    rpn, heads = getattr(module, "rpn", None), getattr(module, "roi_heads", None)
+    if rpn is None or heads is None:
+        return
+    spread = torch.tensor(TARGET_SPREAD)
+    with torch.no_grad():
+        for layer, coder in ((rpn.head.bbox_pred, rpn.box_coder),
+                             (heads.box_predictor.bbox_pred, heads.box_coder)):
+            # Outputs are (box, coordinate) pairs, coordinates fastest, in both heads.
+            factor = (spread * torch.tensor(coder.weights)).repeat(layer.weight.shape[0] // 4)
+            layer.weight.mul_(factor.view(-1, *[1] * (layer.weight.dim() - 1)))
+            if layer.bias is not None:
+                layer.bias.mul_(factor)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ identity):
 - every batch norm takes its running statistics from that pass (cumulative, momentum None).
 
 Afterwards each layer's activations have a spread of order one and so do the logits. User weights
-are never touched.
+are never touched. A seeded R-CNN's box regressors are then scaled to their targets' spread
+(`hostkit.models.detection.seeded_regression`): unit spread is wrong for deltas that are
+exponentiated.
 """
 
 from __future__ import annotations

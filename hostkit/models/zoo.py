@@ -19,7 +19,7 @@ from hostkit.errors import ModelError
 from hostkit.models.base import LoadedModel, ModelSpec, make_input, split_named
 from hostkit.models.detection import DEFAULT_SHAPE as DETECTION_SHAPE
 from hostkit.models.detection import DEFAULT_SHAPES as DETECTION_SHAPES
-from hostkit.models.detection import detector_kwargs
+from hostkit.models.detection import detector_kwargs, seeded_regression
 from hostkit.models.init import INIT_METHOD, live_init
 from hostkit.models.inputs import IMAGE_SUFFIXES, describe, read_input
 
@@ -106,6 +106,8 @@ def load_named(spec: ModelSpec) -> LoadedModel:
         origin = f"weights={spec.weights.name}"
     else:
         live_init(module, shape, spec.seed)
+        if family == "detection":
+            seeded_regression(module)
         origin = f"seed={spec.seed}|init={INIT_METHOD}"
     module.eval()
     inputs = given or [make_input(shape, spec.seed)]
