@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,30 @@ def _export_error(name: str, exc: Exception) -> str:
     where = next((line for line in lines if line.startswith("Caused by:")), "")
     if "data-dependent" in first:
         first = "a data-dependent guard (the output size depends on the values computed)"
-    place = f" at {where.removeprefix('Caused by:').strip(' ()')}" if where else ""
-    return f"torch.export failed for {name}: {first[:200]}{place}"
+    place = _model_frame(exc) or where.removeprefix("Caused by:").strip(" ()")
+    return f"torch.export failed for {name}: {first[:200]}{f' at {place}' if place else ''}"
+
+
+def _model_frame(exc: Exception) -> str | None:
+    """The innermost frame of the traceback in the model's code, not torch's or Python's own,
+    as `path:line in function: code`. torch's `Caused by:` names the frame that asked the guard,
+    which is torch's operator dispatch (`_ops.py:916 in __call__`) when an operator's own
+    C++ asked it (batch norm asking whether its input is empty); the model's line calling
+    that operator is the one a patch has to replace."""
+    import sysconfig
+    import traceback
+
+    import torch
+
+    own = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep,
+           __file__, "<")  # "<string>": code torch generates
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith(own)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    code = f": {frame.line[:80]}" if frame.line else ""
+    return f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno} in {frame.name}{code}"
 
 
 def split_named(entry: str) -> tuple[str | None, str]:

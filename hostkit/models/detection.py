@@ -17,6 +17,10 @@ met while exporting only (`exportable()`), never in the model PyTorch's referenc
   the proposals, which TVM's NMS (quadratic in its input) cannot finish: the export keeps the
   candidates class by class and calls `edgekit::nms_by_class` (`nms_op`), NMS within each
   class, which PyTorch runs with torchvision's `batched_nms` and TVM with its all-class NMS;
+- Mask R-CNN v2's mask head normalises with batch norm over one row per detection, a count
+  only NMS knows: `torch.batch_norm` asks first whether its input is empty (a shortcut with the
+  same, empty, result), which torch.export cannot answer; the export calls the inference kernel
+  the model runs (`_mask_head`);
 - the detectors resize their input inside the model (Faster/Mask R-CNN and RetinaNet to an 800
   short side): edgekit builds them with `min_size`/`max_size` at the input's own size, so the
   network sees the input as given (an image file is decoded at its size; SSD keeps its fixed
@@ -94,23 +98,26 @@ def seeded_regression(module: Any) -> None:
 @contextlib.contextmanager
 def exportable() -> Iterator[None]:
     """torchvision's detection code made exportable, for the duration of one `torch.export`."""
-    from torchvision.models.detection import roi_heads, ssd, transform
+    from torchvision.models.detection import mask_rcnn, roi_heads, ssd, transform
     from torchvision.ops import boxes, poolers
 
     nms_op()
     saved = (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
              ssd.SSD.postprocess_detections, roi_heads.RoIHeads.postprocess_detections)
+    saved_mask_head = mask_rcnn.MaskRCNNHeads.forward
     boxes.batched_nms = _batched_nms
     transform.paste_masks_in_image = _unpasted
     poolers._multiscale_roi_align = _multiscale_roi_align
     ssd.SSD.postprocess_detections = _ssd_postprocess
     roi_heads.RoIHeads.postprocess_detections = _roi_postprocess
+    mask_rcnn.MaskRCNNHeads.forward = _mask_head
     try:
         yield
     finally:
         (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
          ssd.SSD.postprocess_detections,
          roi_heads.RoIHeads.postprocess_detections) = saved
+        mask_rcnn.MaskRCNNHeads.forward = saved_mask_head
 
 
 def _batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float) -> Any:
@@ -162,6 +169,39 @@ def _multiscale_roi_align(x_filtered: list[Any], boxes: list[Any], output_size: 
                            sampling_ratio=sampling_ratio)
         result = pooled if result is None else torch.where(levels == level, pooled, result)
     return result
+
+
+def _mask_head(self: Any, x: Any) -> Any:
+    """torchvision's mask head (convolutions, with batch norm in v2) with the same result, bit
+    for bit: its evaluation-mode batch norms call the kernel they run,
+    `_native_batch_norm_legit_no_training`, directly. `torch.batch_norm` first asks whether its
+    input is empty (a shortcut with the same, empty, result): here the input has a row per
+    detection, a count `edgekit::nms_by_class` decides, so torch.export cannot answer
+    (`Eq(50176*Min(100, u3), 0)`); the kernel never asks. The exported graph holds that kernel
+    either way (`run_decompositions` lowers `batch_norm` to it). v2's box head is not stopped
+    there only because torchvision's fake NMS declares its count at least 2."""
+    import torch
+
+    for layer in _sequence(self):
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and not layer.training \
+                and layer.running_mean is not None:
+            x = torch.ops.aten._native_batch_norm_legit_no_training(
+                x, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                layer.momentum or 0.0, layer.eps)[0]
+        else:
+            x = layer(x)
+    return x
+
+
+def _sequence(module: Any) -> Iterator[Any]:
+    """The layers a Sequential runs, nested Sequentials (Conv2dNormActivation) opened."""
+    import torch
+
+    for layer in module:
+        if type(layer).forward is torch.nn.Sequential.forward:
+            yield from _sequence(layer)
+        else:
+            yield layer
 
 
 def _ssd_postprocess(self: Any, head_outputs: dict[str, Any], image_anchors: list[Any],

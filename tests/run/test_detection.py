@@ -122,6 +122,59 @@ def test_a_near_tie_is_settled_against_float64_pytorch() -> None:
     assert not settled.passed() and against == {}
 
 
+def _mask_head_v2() -> Any:
+    """Mask R-CNN v2's mask head (convolutions with batch norm) behind a count of rows only the
+    values decide, as NMS decides the detections it gets; its batch norms hold real statistics."""
+    import torch
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+    class Kept(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = MaskRCNNHeads(4, [4, 4], 1, norm_layer=torch.nn.BatchNorm2d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x[x.mean((1, 2, 3)) > 0])
+
+    torch.manual_seed(0)
+    module = Kept().eval()
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            for value in (norm.running_mean, norm.weight, norm.bias):
+                value.data.normal_()
+            norm.running_var.data.uniform_(0.5, 2.0)
+    return module
+
+
+def test_mask_head_with_batch_norm_exports_with_the_same_results() -> None:
+    """Batch norm over a data-dependent count of rows stops torch.export (torch asks whether the
+    input is empty); the error names the model's line, not torch's dispatch. `exportable()`
+    exports it, and the program gives the model's results, for some rows and for none."""
+    import torch
+
+    from hostkit.errors import ModelError
+
+    module = _mask_head_v2()
+    x = np.random.default_rng(0).standard_normal((6, 4, 14, 14)).astype(np.float32)
+    plain = LoadedModel(name="head", program=None, inputs=[x], identity="head", _module=module)
+    with pytest.raises(ModelError) as refused:
+        plain.exported()
+    assert str(refused.value).startswith("torch.export failed for head: a data-dependent guard")
+    place = str(refused.value).rpartition(" at ")[2]
+    assert "test_detection.py:" in place and place.endswith(
+        " in forward: return self.head(x[x.mean((1, 2, 3)) > 0])"), place
+
+    patched = LoadedModel(name="head", program=None, inputs=[x], identity="head",
+                          _module=module, family="detection")
+    program = patched.exported().module()
+    for rows, kept in ((x, int((x.mean((1, 2, 3)) > 0).sum())), (-abs(x), 0)):
+        with torch.no_grad():
+            want, got = module(torch.from_numpy(rows)), program(torch.from_numpy(rows))
+        assert want.shape == (kept, 4, 14, 14) and got.shape == want.shape
+        assert torch.equal(got, want)
+    assert 0 < int((x.mean((1, 2, 3)) > 0).sum()) < len(x)
+
+
 def _assert_matched(result: dict[str, Any], err: str) -> dict[str, Any]:
     assert result["status"] == "ok", (result["error"], err[-2000:])
     check = result["check"]
