@@ -47,7 +47,9 @@ SCORE_DIFF = 1e-3
 MASK_IOU = 0.99
 DEGENERATE_PX = 1.0  # a zero-area box's partner: every corner within this many pixels
 KEYPOINT_PX = 0.25
-KEYPOINT_SCORE_DIFF = 1e-3  # keypoint scores are heatmap logits
+# Keypoint scores are heatmap logits (seeded: up to about 4), computed from features pooled at the
+# device's own boxes: moving PyTorch's boxes by 0.01 px moves its keypoint scores by up to 5e-3.
+KEYPOINT_SCORE_DIFF = 2e-2
 # Outputs with one row per detection, compared pair by pair.
 PER_DETECTION = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 
