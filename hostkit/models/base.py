@@ -9,11 +9,14 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hostkit.errors import ModelError
+
+if TYPE_CHECKING:
+    from hostkit.models.host_steps import HostSteps
 
 __all__ = ["ModelSpec", "LoadedModel", "DEFAULT_SEED", "make_input"]
 
@@ -85,16 +88,14 @@ class LoadedModel:
             self._exact = [value.detach().cpu().numpy() for _, value in _flatten("output", out)]
         return self._exact
 
-    def mask_paster(self) -> Any:
-        """For a detector with masks: a function pasting per-detection mask probabilities
-        (N x 1 x 28 x 28) into the input image at given boxes, as the model does after the
-        part that runs on the device (`hostkit.models.detection`); None otherwise."""
-        if self.family != "detection":
-            return None
-        from hostkit.models.detection import paste_masks
+    def host_steps(self) -> HostSteps:
+        """What the host does to a detector's outputs after the part that runs on the device:
+        pasting per-detection masks into the image, decoding per-detection keypoint heatmaps
+        (`hostkit.models.host_steps`). Outputs not named as a detector's are never touched."""
+        from hostkit.models.host_steps import HostSteps
 
-        image_hw = tuple(self.inputs[0].shape[-2:])
-        return lambda masks, boxes: paste_masks(masks, boxes, image_hw)
+        *_, height, width = (1, 1, *self.inputs[0].shape)
+        return HostSteps(image_hw=(int(height), int(width)))
 
     def exported(self) -> Any:
         """The ExportedProgram TVM imports."""

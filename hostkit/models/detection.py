@@ -7,6 +7,9 @@ met while exporting only (`exportable()`), never in the model PyTorch's referenc
   torchvision/ops/boxes.py:86); its coordinate-offset path gives the same answer for every count,
   so the export takes that path, and `torchvision::nms` stays one operator (its registered fake
   gives the kept count an unbacked size) for the importer to map onto TVM's NMS;
+- Keypoint R-CNN's `heatmaps_to_keypoints` resizes each detection's heatmaps to its own box in
+  a Python loop: the exported program returns the per-detection heatmaps, and the host decodes
+  them with torchvision's own function (`hostkit.models.keypoints`), before the check;
 - Mask R-CNN's `paste_masks_in_image` loops in Python over the detections, pasting each 28x28
   mask into the image: the exported program returns the per-detection 28x28 mask probabilities,
   and `paste_masks` pastes them on the host with torchvision's own function, before the check;
@@ -101,10 +104,17 @@ def exportable() -> Iterator[None]:
     from torchvision.models.detection import mask_rcnn, roi_heads, ssd, transform
     from torchvision.ops import boxes, poolers
 
+    from hostkit.models import keypoints
+
     nms_op()
     saved = (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
              ssd.SSD.postprocess_detections, roi_heads.RoIHeads.postprocess_detections)
     saved_mask_head = mask_rcnn.MaskRCNNHeads.forward
+    saved_keypoints = (roi_heads.keypointrcnn_inference,
+                       transform.GeneralizedRCNNTransform.postprocess)
+    roi_heads.keypointrcnn_inference = keypoints.heatmaps_only
+    transform.GeneralizedRCNNTransform.postprocess = keypoints.keeping_heatmaps(
+        saved_keypoints[1])
     boxes.batched_nms = _batched_nms
     transform.paste_masks_in_image = _unpasted
     poolers._multiscale_roi_align = _multiscale_roi_align
@@ -118,6 +128,8 @@ def exportable() -> Iterator[None]:
          ssd.SSD.postprocess_detections,
          roi_heads.RoIHeads.postprocess_detections) = saved
         mask_rcnn.MaskRCNNHeads.forward = saved_mask_head
+        roi_heads.keypointrcnn_inference, transform.GeneralizedRCNNTransform.postprocess = \
+            saved_keypoints
 
 
 def _batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float) -> Any:

@@ -109,7 +109,7 @@ def _run_one(sess: "RPCSession", device: str, model: LoadedModel, reference: lis
     baseline.first_inference_ms = raw.get("first_inference_ms")
     baseline.latency_ms = Latency.from_samples(raw.get("samples_ms") or [])
     check = compare_outputs(outputs, reference, model.family, model.output_names,
-                            paste=model.mask_paster())
+                            steps=model.host_steps())
     baseline.max_abs_diff, baseline.rel_err = check.max_abs_diff, check.rel_err
     if not check.passed(rtol):
         baseline.status, baseline.reason = "failed", check.reason(rtol)

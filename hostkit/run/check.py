@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hostkit.defaults import CHECK_RTOL
+from hostkit.models.host_steps import MADE_ON_HOST
 from hostkit.run.detections import DetectionCheck, compare_detections
+
+if TYPE_CHECKING:
+    from hostkit.models.host_steps import HostSteps
 
 __all__ = ["RTOL", "PIXEL_AGREEMENT", "Check", "compare_outputs"]
 
@@ -81,18 +85,24 @@ class Check:
 
 def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
                     family: str = "classification", names: list[str] | None = None,
-                    paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> Check:
+                    steps: HostSteps | None = None) -> Check:
     """Compare every output; a different count or shape is a problem named in words.
 
     A first output of rank 4 (N x C x H x W, C > 1) is compared as a segmentation map whatever
     `family` says, so a saved program of a segmenter gets the pixel check too; outputs named
     `boxes`, `scores` and `labels` (a detector's, or a saved program of one) are compared as
-    detections (`hostkit.run.detections`), whose count may differ.
+    detections (`hostkit.run.detections`), whose count may differ, after `steps` finished
+    what the device leaves to the host (`LoadedModel.host_steps`).
     """
+    if names is not None and {"boxes", "scores", "labels"} <= set(names) \
+            and len(want) == len(names):
+        # the device returns keypoint heatmaps and no keypoint scores: the host makes them
+        got_names = names if len(got) == len(names) else \
+            [name for name in names if name not in MADE_ON_HOST]
+        if len(got) == len(got_names):
+            return _detections(dict(zip(got_names, got)), dict(zip(names, want)), steps)
     if len(got) != len(want):
         return _unmatched(f"the device returned {len(got)} outputs, PyTorch {len(want)}")
-    if names is not None and {"boxes", "scores", "labels"} <= set(names):
-        return _detections(dict(zip(names, got)), dict(zip(names, want)), paste)
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             return _unmatched(f"output {i} has shape {_dims(g.shape)} on the device, "
@@ -118,10 +128,10 @@ def compare_outputs(got: list[np.ndarray], want: list[np.ndarray],
 
 
 def _detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
-                paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> Check:
+                steps: HostSteps | None) -> Check:
     """A detector's outputs: matched one to one; the summary's differences are the matched
     boxes' (in pixels, against the largest coordinate) and scores'."""
-    found = compare_detections(got, want, paste)
+    found = compare_detections(got, want, steps)
     ref_max = float(np.max(np.abs(want["boxes"]))) if want["boxes"].size else 0.0
     diff = max(found.max_box_px, found.max_score_diff)
     rel = diff / ref_max if ref_max > 0 and math.isfinite(diff) else math.inf

@@ -272,7 +272,7 @@ def _detections_exactly(model: LoadedModel, outputs: list, check: Check,
     if exact is None:
         return check, {}
     again = compare_outputs(outputs, exact, model.family, model.output_names,
-                            paste=model.mask_paster())
+                            steps=model.host_steps())
     if not again.passed(rtol):
         return check, {}
     return again, {"reference": "float64", "float32_matched": check.detection.matched}
@@ -338,7 +338,7 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
         outputs, first_ms = loaded.run(model.inputs)
         result.first_inference_ms = first_ms
         check = compare_outputs(outputs, reference, model.family, model.output_names,
-                                paste=model.mask_paster())
+                                steps=model.host_steps())
         check, against = _detections_exactly(model, outputs, check, options.rtol)
         result.check = {**check.details(), **against, "outputs": model.output_names}
         result.preprocessing = model.preprocessing

@@ -11,24 +11,34 @@ A check passes when at least `MIN_DETECTIONS` detections were compared (two empt
 short ones, prove nothing), every detection is matched, the matched boxes' corners differ by at
 most `BOX_PX` pixels and their scores by at most `SCORE_DIFF`, and, for instance segmentation,
 every matched pair of masks (thresholded at 0.5, as torchvision's users do) overlaps with an IoU
-of at least `MASK_IOU`. fp32 builds land inside these (measured: SSDlite boxes within 0.01 px
-and scores 4e-5, Mask R-CNN's 0.05 px and 2.5e-4, float sums in another order through 50
-layers); a device that computes something else moves boxes by pixels and scores in the second
-decimal, and loses matches. Top-k and NMS decide near ties by float32 rounding, PyTorch's or the
+of at least `MASK_IOU`, and, for keypoints, every matched pair's keypoints are within
+`KEYPOINT_PX` of each other, their scores within `KEYPOINT_SCORE_DIFF`. Decoding places a
+keypoint at the maximum of a heatmap resized to the box: at the same box, the same maximum
+gives the same place to the last bit, and another one is a whole resized-map pixel away (at
+least half an image pixel); where two maxima are within `KEYPOINT_SCORE_DIFF` the device's
+rounding may pick either, and the pair is a near tie, counted apart, when the device's map at
+PyTorch's place is within `KEYPOINT_SCORE_DIFF` of its maximum. fp32 builds land inside these
+(measured: SSDlite boxes within 0.01 px and scores 4e-5, Mask R-CNN's 0.05 px and 2.5e-4, float
+sums in another order through 50 layers); a device that computes something else moves boxes by
+pixels and scores in the second decimal, and loses matches. Top-k and NMS decide near ties by float32 rounding, PyTorch's or the
 device's; when PyTorch's disagrees, deploy compares with the model evaluated in float64
 (`LoadedModel.exact_reference`), the answer both round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from hostkit.models.host_steps import HostSteps
+
 __all__ = ["DetectionCheck", "compare_detections", "MIN_DETECTIONS", "MATCH_IOU", "BOX_PX",
-           "SCORE_DIFF", "MASK_IOU", "DEGENERATE_PX"]
+           "SCORE_DIFF", "MASK_IOU", "DEGENERATE_PX", "KEYPOINT_PX", "KEYPOINT_SCORE_DIFF"]
 
 MIN_DETECTIONS = 10
 MATCH_IOU = 0.5
@@ -36,6 +46,12 @@ BOX_PX = 0.25
 SCORE_DIFF = 1e-3
 MASK_IOU = 0.99
 DEGENERATE_PX = 1.0  # a zero-area box's partner: every corner within this many pixels
+KEYPOINT_PX = 0.25
+# Keypoint scores are heatmap logits (seeded: up to about 4), computed from features pooled at the
+# device's own boxes: moving PyTorch's boxes by 0.01 px moves its keypoint scores by up to 5e-3.
+KEYPOINT_SCORE_DIFF = 2e-2
+# Outputs with one row per detection, compared pair by pair.
+PER_DETECTION = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,10 @@ class DetectionCheck:
     max_score_diff: float
     min_mask_iou: float | None  # instance segmentation: the worst matched pair of masks
     masks: int | None = None
+    keypoints: int | None = None  # keypoints compared: matched pairs x keypoints per detection
+    max_keypoint_px: float | None = None  # the farthest apart, near ties left out
+    max_keypoint_score_diff: float | None = None
+    keypoint_ties: int | None = None  # keypoints placed at another of two near-equal maxima
 
     @property
     def unmatched(self) -> int:
@@ -74,6 +94,13 @@ class DetectionCheck:
         if self.min_mask_iou is not None and not self.min_mask_iou >= MASK_IOU:
             return (f"masks differ from PyTorch: a matched pair overlaps with IoU "
                     f"{self.min_mask_iou:.4f} (at least {MASK_IOU} needed)")
+        if self.max_keypoint_px is not None and not self.max_keypoint_px <= KEYPOINT_PX:
+            return (f"keypoints differ from PyTorch by up to {self.max_keypoint_px:.3g} px, "
+                    f"not at a near tie (at most {KEYPOINT_PX} allowed)")
+        if self.max_keypoint_score_diff is not None \
+                and not self.max_keypoint_score_diff <= KEYPOINT_SCORE_DIFF:
+            return (f"keypoint scores differ from PyTorch by up to "
+                    f"{self.max_keypoint_score_diff:.3g} (at most {KEYPOINT_SCORE_DIFF} allowed)")
         return None
 
     def details(self) -> dict[str, object]:
@@ -84,47 +111,85 @@ class DetectionCheck:
             "max_box_px": _finite(self.max_box_px), "max_score_diff": _finite(self.max_score_diff)}
         if self.min_mask_iou is not None or self.masks is not None:
             out.update(masks=self.masks, min_mask_iou=self.min_mask_iou)
+        if self.max_keypoint_px is not None:
+            out.update(keypoints=self.keypoints,
+                       max_keypoint_px=_finite(self.max_keypoint_px),
+                       max_keypoint_score_diff=self.max_keypoint_score_diff,
+                       keypoint_ties=self.keypoint_ties)
         return out
 
 
 def compare_detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
-                       paste: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                       ) -> DetectionCheck:
-    """Match the device's detections (`boxes`, `scores`, `labels`, optional `masks`) to
-    PyTorch's, by output name. Device masks of another size than PyTorch's (28 x 28 per
-    detection, where PyTorch pasted them into the image) are pasted by `paste` at the matched
-    PyTorch box, so the masks are compared on their own and the boxes on theirs (pasting rounds
-    a box to whole pixels, and a box 0.01 px away may round the other way)."""
-    boxes_got, boxes_want = got["boxes"].reshape(-1, 4), want["boxes"].reshape(-1, 4)
-    labels_got, labels_want = got["labels"].ravel(), want["labels"].ravel()
-    pairs = _match(boxes_want, labels_want, boxes_got, labels_got)
-    masks_got = got.get("masks")
-    if masks_got is not None and "masks" in want and paste is not None and pairs \
-            and masks_got.shape[1:] != want["masks"].shape[1:]:
-        rows = [j for _, j in pairs]
-        pasted = paste(masks_got[rows], boxes_want[[i for i, _ in pairs]])
-        masks_got = np.zeros((len(boxes_got), *pasted.shape[1:]), pasted.dtype)
-        masks_got[rows] = pasted
-        got = {**got, "masks": masks_got}
-    box_px = score_diff = 0.0
-    mask_iou: float | None = None
-    for i, j in pairs:
-        box_px = max(box_px, float(np.max(np.abs(
-            boxes_want[i].astype(np.float64) - boxes_got[j]))))
-        score_diff = max(score_diff, abs(float(want["scores"].ravel()[i])
-                                         - float(got["scores"].ravel()[j])))
-        if "masks" in want and "masks" in got and got["masks"].shape[1:] == \
-                want["masks"].shape[1:]:
-            iou = _mask_iou(want["masks"][i] > 0.5, got["masks"][j] > 0.5)
-            mask_iou = iou if mask_iou is None else min(mask_iou, iou)
+                       steps: HostSteps | None = None) -> DetectionCheck:
+    """Match the device's detections (`boxes`, `scores`, `labels`, optional `masks`,
+    `keypoints`) to PyTorch's, by output name. What the device leaves to the host (28x28
+    masks, keypoint heatmaps) is finished by `steps` at the matched PyTorch box, so masks and
+    keypoints are compared on their own and the boxes on theirs (pasting rounds a box to whole
+    pixels and decoding rounds its size up, and a box 0.01 px away may round the other way)."""
+    got, want = _rows(got), _rows(want)
+    boxes_got, boxes_want = got["boxes"], want["boxes"]
+    pairs = _match(boxes_want, want["labels"], boxes_got, got["labels"])
+    common = dict(detections=len(boxes_want), device_detections=len(boxes_got),
+                  matched=len(pairs))
     if not pairs:
-        box_px = score_diff = math.inf
-    masks = len(pairs) if mask_iou is not None else None
-    if "masks" in want and mask_iou is None:
-        mask_iou = 0.0  # masks expected, none comparable: fail rather than skip
-    return DetectionCheck(detections=len(boxes_want), device_detections=len(boxes_got),
-                          matched=len(pairs), max_box_px=box_px, max_score_diff=score_diff,
-                          min_mask_iou=mask_iou, masks=masks)
+        return DetectionCheck(**common, max_box_px=math.inf, max_score_diff=math.inf,
+                              min_mask_iou=0.0 if "masks" in want else None,
+                              max_keypoint_px=math.inf if "keypoints" in want else None)
+    rows_want, rows_got = [i for i, _ in pairs], [j for _, j in pairs]
+    at = boxes_want[rows_want]
+    a = {k: v[rows_want] for k, v in want.items()}
+    b = {k: v[rows_got] for k, v in got.items()}
+    heatmaps = b.get("keypoints") if b.get("keypoints", np.zeros(0)).ndim == 4 else None
+    if steps is not None:
+        a, b = steps.finish(a, at), steps.finish(b, at)
+    box_px = float(np.max(np.abs(a["boxes"].astype(np.float64) - b["boxes"])))
+    score_diff = float(np.max(np.abs(a["scores"].astype(np.float64) - b["scores"])))
+    mask_iou, masks = None, None
+    if "masks" in want:
+        comparable = "masks" in b and a["masks"].shape == b["masks"].shape
+        mask_iou = min(_mask_iou(x > 0.5, y > 0.5) for x, y in zip(a["masks"], b["masks"])) \
+            if comparable else 0.0  # masks expected, none comparable: fail rather than skip
+        masks = len(pairs) if comparable else None
+    found = DetectionCheck(**common, max_box_px=box_px, max_score_diff=score_diff,
+                           min_mask_iou=mask_iou, masks=masks)
+    if "keypoints" in want:
+        found = _compare_keypoints(found, a, b, at, heatmaps, steps)
+    return found
+
+
+def _compare_keypoints(found: DetectionCheck, a: dict[str, np.ndarray],
+                       b: dict[str, np.ndarray], at: np.ndarray, heatmaps: np.ndarray | None,
+                       steps: HostSteps | None) -> DetectionCheck:
+    """Matched pairs' keypoints (`a` PyTorch's, `b` the device's, decoded at the boxes `at`):
+    the farthest apart and the largest score difference. Decoding takes each resized heatmap's
+    maximum, and two near-equal maxima may be ordered either way by float rounding: a keypoint
+    more than `KEYPOINT_PX` away is a near tie, counted apart from the distances, when the
+    device's own map is within `KEYPOINT_SCORE_DIFF` of its maximum at PyTorch's place."""
+    if "keypoints" not in b or "keypoints_scores" not in b \
+            or a["keypoints"].shape != b["keypoints"].shape:
+        return dataclasses.replace(found, max_keypoint_px=math.inf)  # none comparable: fail
+    distance = np.hypot(*(a["keypoints"][..., :2].astype(np.float64)
+                          - b["keypoints"][..., :2]).transpose(2, 0, 1))
+    scores_a = a["keypoints_scores"].astype(np.float64)
+    scores_b = b["keypoints_scores"].astype(np.float64)
+    far = distance > KEYPOINT_PX
+    ties = np.zeros_like(far)
+    if far.any() and heatmaps is not None and steps is not None:
+        there = steps.keypoint_values(heatmaps, at, a["keypoints"]).astype(np.float64)
+        ties = far & (scores_b - there <= KEYPOINT_SCORE_DIFF)
+    return dataclasses.replace(
+        found, keypoints=int(distance.size), keypoint_ties=int(ties.sum()),
+        max_keypoint_px=float(np.max(distance, where=~ties, initial=0.0)),
+        max_keypoint_score_diff=float(np.max(np.abs(scores_a - scores_b))))
+
+
+def _rows(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-detection outputs, one row per detection (a saved program may keep a batch
+    axis of one)."""
+    rows = {k: v for k, v in outputs.items() if k in PER_DETECTION}
+    rows.update(boxes=rows["boxes"].reshape(-1, 4), scores=rows["scores"].ravel(),
+                labels=rows["labels"].ravel())
+    return rows
 
 
 def _match(boxes_a: np.ndarray, labels_a: np.ndarray, boxes_b: np.ndarray,
