@@ -207,7 +207,7 @@ def test_ssdlite_on_an_image_file(daemon: Any, write_inventory: Any, tmp_path: P
 @pytest.mark.slow
 def test_mask_rcnn_with_masks_pasted_on_the_host(daemon: Any, write_inventory: Any) -> None:
     code, result, err = deploy_json(daemon_inventory(write_inventory, daemon), "maskrcnn_resnet50_fpn",
-                                "--input-shape", "1,3,256,256")
+                                "--input-shape", "1,3,224,224")
     assert result is not None, err
     check = _assert_matched(result, err)
     assert check["outputs"] == ["boxes", "labels", "scores", "masks"]
