@@ -104,7 +104,7 @@ def exportable() -> Iterator[None]:
     from torchvision.models.detection import mask_rcnn, roi_heads, ssd, transform
     from torchvision.ops import boxes, poolers
 
-    from hostkit.models import keypoints
+    from hostkit.models.keypoints import heatmaps_only, keeping_heatmaps
 
     nms_op()
     saved = (boxes.batched_nms, transform.paste_masks_in_image, poolers._multiscale_roi_align,
@@ -112,8 +112,8 @@ def exportable() -> Iterator[None]:
     saved_mask_head = mask_rcnn.MaskRCNNHeads.forward
     saved_keypoints = (roi_heads.keypointrcnn_inference,
                        transform.GeneralizedRCNNTransform.postprocess)
-    roi_heads.keypointrcnn_inference = keypoints.heatmaps_only
-    transform.GeneralizedRCNNTransform.postprocess = keypoints.keeping_heatmaps(
+    roi_heads.keypointrcnn_inference = heatmaps_only
+    transform.GeneralizedRCNNTransform.postprocess = keeping_heatmaps(
         saved_keypoints[1])
     boxes.batched_nms = _batched_nms
     transform.paste_masks_in_image = _unpasted

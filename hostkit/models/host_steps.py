@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hostkit.models import keypoints
 from hostkit.models.detection import paste_masks
+from hostkit.models.keypoints import decode, values_at
 
 __all__ = ["HostSteps", "MADE_ON_HOST"]
 
@@ -41,7 +41,7 @@ class HostSteps:
             done["masks"] = paste_masks(masks, boxes, self.image_hw)
         heatmaps = outputs.get("keypoints")
         if heatmaps is not None and heatmaps.ndim == 4:
-            done["keypoints"], done["keypoints_scores"] = keypoints.decode(heatmaps, boxes)
+            done["keypoints"], done["keypoints_scores"] = decode(heatmaps, boxes)
         return done
 
     def keypoint_values(self, heatmaps: np.ndarray, boxes: np.ndarray,
@@ -49,4 +49,4 @@ class HostSteps:
         """The heatmaps, resized as decoding resizes them at `boxes`, read at other keypoints
         (`places`, N x K x 2 or 3): how high the device's map is where PyTorch found the
         maximum, to tell a near tie from a keypoint in the wrong place."""
-        return keypoints.values_at(heatmaps, boxes, places)
+        return values_at(heatmaps, boxes, places)
