@@ -229,11 +229,15 @@ def _upload_progress(device: str, model: str, note: Step) -> Callable[[int, int]
     """Report an upload in tenths: transports call back for every chunk they send."""
     shown = [-1]
 
+    # Below a megabyte in kB: 0.1 MB steps would show a 130 kB upload only as 0.0 and 0.1 of 0.1.
     def progress(done: int, total: int) -> None:
         tenth = (10 * done) // total if total else 10
         if tenth != shown[0]:
             shown[0] = tenth
-            note(device, model, f"uploading {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+            if total >= 1_000_000:
+                note(device, model, f"uploading {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+            else:
+                note(device, model, f"uploading {done / 1e3:.0f}/{total / 1e3:.0f} kB")
 
     return progress
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.integration
 
 STALL = 3.0
 MARGIN = 3.0  # seconds allowed past stall_timeout: polling, TVM unwinding, a loaded machine
-TINY = [ModelSpec("tinycnn")]
+# Big enough that 8000 runs outlast stall_timeout and the faults timed into a benchmark (about
+# 0.8 ms a run with untuned builds' default schedule; the 32x32 default is ten times quicker).
+TINY = [ModelSpec("tinycnn", input_shape=(1, 3, 128, 128))]
 HOST_CLI = "import sys; from hostkit.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -265,13 +267,13 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
 
 
 def test_cut_link_during_upload_and_a_slow_link(daemon: Daemon, fleet: Any) -> None:
-    """`ip link set down` mid-upload fails within stall_timeout; a 1 Mbit/s link uploads to the
+    """`ip link set down` mid-upload fails within stall_timeout; a 512 kbit/s link uploads to the
     end with progress shown and no false stall (its stall_timeout is shorter than the upload)."""
     boards = fleet("u", 1, 2)
     for i in range(2):
         boards.daemon(i)
     boards.shape(0, "256kbit")  # the cut board: slow, so the cut lands mid-upload
-    boards.shape(1, "1mbit")
+    boards.shape(1, "512kbit")  # the 128 kB library then takes about 2 s
     faults = Faults()
     faults.at("cut", "uploading", 1.0, lambda: boards.link(0, "down"))
     devices = [_device("cut", boards.ports[0], boards.address(0)),
@@ -293,10 +295,10 @@ def test_cut_link_during_upload_and_a_slow_link(daemon: Daemon, fleet: Any) -> N
     assert slow.status == "ok", slow.error
     assert slow.upload_s is not None and slow.upload_s > 1.0, "the upload outlasted stall_timeout"
     sizes = [w for w in faults.said("slow", "uploading ") if "/" in w]
-    partial = [w for w in sizes if w.split()[1].split("/")[0] not in ("0.0",)
+    partial = [w for w in sizes if w.split()[1].split("/")[0] not in ("0.0", "0")
                and w.split()[1].split("/")[0] != w.split()[1].split("/")[1]]
     assert partial, f"progress shown while the upload ran: {sizes}"
-    print(f"1 Mbit/s link: {slow.artifact_bytes} bytes uploaded in {slow.upload_s:.1f}s with "
+    print(f"512 kbit/s link: {slow.artifact_bytes} bytes uploaded in {slow.upload_s:.1f}s with "
           f"stall_timeout 1s; progress {sizes}")
 
 
