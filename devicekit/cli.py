@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port-file", type=Path, default=None, metavar="FILE",
                      help="write the bound port here once the daemon accepts connections")
 
+    srv.add_argument("--exit-with-parent", action="store_true",
+                     help="stop when the process that started this daemon exits, even if it "
+                          "was killed (edgekit uses this for the daemons it starts itself)")
     srv.add_argument("--runtime-only", action="store_true",
                      help="run on TVM's runtime alone, without its compiler (TVM_USE_RUNTIME_LIB)")
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return serve(args.listen, args.port, args.port_end, args.tracker, args.key, args.store,
-                     args.port_file)
+                     args.port_file, exit_with_parent=args.exit_with_parent)
     except (OSError, ValueError) as exc:
         print(f"edgekit-device: cannot serve on {args.listen}:{args.port}: {exc}", file=sys.stderr)
         return 1

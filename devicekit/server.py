@@ -215,11 +215,19 @@ def serve(
     key: str = "",
     store_dir: Path | None = None,
     port_file: Path | None = None,
+    exit_with_parent: bool = False,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    """Serve until SIGTERM or SIGINT; returns the process exit code.
+
+    `exit_with_parent`: also stop once the process that started this one is gone. A daemon in a
+    session of its own outlives a parent killed with SIGKILL, which sends it no signal; the kernel
+    then gives it a new parent, which is what is watched for.
+    """
     from tvm import rpc
 
     from devicekit.store import default_store_dir
+
+    parent = os.getppid()
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(EXPOSED_WARNING.format(addr=f"{host}:{port}"))
@@ -258,6 +266,9 @@ def serve(
         if server.proc is None or not server.proc.is_alive():
             log.error("the RPC server process died; stopping")
             return 1
+        if exit_with_parent and os.getppid() != parent:
+            log.info("the process that started this daemon (pid %d) exited; stopping", parent)
+            break
     server.terminate()
     log.info("stopped")
     return 0

@@ -82,7 +82,7 @@ class LocalDaemon:
         # The daemon logs every session; a file never fills up and blocks it, as a pipe would.
         self.log_path = Path(self._tmp.name) / "daemon.log"
         cmd = [sys.executable, "-m", "devicekit", "serve", "--listen", DEFAULT_BIND,
-               "--port", "0", "--port-file", str(port_file)]
+               "--port", "0", "--port-file", str(port_file), "--exit-with-parent"]
         # Port 0 lets the kernel pick a free port; TVM's server then reports the one it bound.
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

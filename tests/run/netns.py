@@ -45,6 +45,7 @@ class Fleet:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.ports: dict[int, int] = {}
         self.made: list[str] = []
+        self._sweep()
         _ip("link", "add", self.bridge, "type", "bridge")
         self.made.append(f"link:{self.bridge}")
         _ip("addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
@@ -60,6 +61,13 @@ class Fleet:
             _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+
+    def _sweep(self) -> None:
+        """Remove what a killed earlier run with this tag left (its close() never ran)."""
+        for i in range(self.count):
+            subprocess.run(["ip", "netns", "del", self.netns(i)], capture_output=True)
+            subprocess.run(["ip", "link", "del", self.veth(i)], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
     def netns(self, i: int) -> str:
         return f"ek18-{self.tag}-{i}"

@@ -89,8 +89,11 @@ def _rows(results: list[RunResult]) -> dict[str, RunResult]:
 def _local_daemon_pid() -> int:
     """The daemon edgekit started for a `managed: local` device (a child of this process)."""
     for child in psutil.Process().children(recursive=True):
-        if "edgekit-local-" in " ".join(child.cmdline()):
-            return child.pid
+        try:  # a child that exited meanwhile (a compile worker, a zombie) is not the daemon
+            if "edgekit-local-" in " ".join(child.cmdline()):
+                return child.pid
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
     raise AssertionError("no edgekit-started local daemon found")
 
 
