@@ -144,8 +144,8 @@ def _schedule(func: Any, vector_bits: int, exact: bool = False) -> Any:
 
 def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
     """Inline elementwise blocks into elementwise consumers (or, failing that, elementwise
-    producers); returns the blocks left. With `exact`, a float multiply is never inlined into
-    what consumes it: in one expression with an add LLVM fuses the two into an FMA."""
+    producers); returns the blocks left. With `exact`, a float multiply is never inlined where
+    it would feed an add: in one expression LLVM fuses the two into an FMA."""
     def pick(rvs: list[Any]) -> list[Any]:
         stmts = [sch.get(rv) for rv in rvs]
         return [info for info in blocks
@@ -154,8 +154,9 @@ def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
     def reduction(infos: list[Any]) -> bool:
         return any(not info.is_injective() for info in infos)
 
-    def multiplies(infos: list[Any]) -> bool:
-        return exact and any(_float_multiply(sch.get(info.block_rv)) for info in infos)
+    def fma(producers: list[Any], consumers: list[Any]) -> bool:
+        return exact and any(_fma_risk(sch.get(p.block_rv), sch.get(c.block_rv))
+                             for p in producers for c in consumers)
 
     changed = True
     while changed:
@@ -165,11 +166,11 @@ def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
                 continue
             try:
                 consumers = pick(sch.get_consumers(info.block_rv))
-                if consumers and not reduction(consumers) and not multiplies([info]):
+                if consumers and not reduction(consumers) and not fma([info], consumers):
                     sch.compute_inline(info.block_rv)
                 else:
                     producers = pick(sch.get_producers(info.block_rv))
-                    if not producers or reduction(producers) or multiplies(producers):
+                    if not producers or reduction(producers) or fma(producers, [info]):
                         continue
                     sch.reverse_compute_inline(info.block_rv)
             except Exception:  # not inlinable (e.g. it writes the function's output): keep it
@@ -180,12 +181,27 @@ def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
     return blocks
 
 
-def _float_multiply(block: Any) -> bool:
+def _fma_risk(producer: Any, consumer: Any) -> bool:
+    """Whether inlining `producer` into `consumer` would put a float multiply directly under an
+    add or subtract: the pair LLVM fuses into one FMA (TVM compiles with FP op fusion on)."""
+    import tvm_ffi
     from tvm import tirx
+    from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 
-    body = block.body
-    return (isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Mul)
-            and str(body.value.dtype).startswith("float"))
+    body = producer.body
+    if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Mul)
+            and str(body.value.ty).startswith("float")):
+        return False
+    buffer = body.buffer
+    found = False
+
+    def visit(node: Any) -> None:
+        nonlocal found
+        found = found or any(isinstance(arg, TensorLoad) and arg.source.same_as(buffer)
+                             for arg in (node.a, node.b))
+
+    tvm_ffi.structural_walk(consumer.body, [(tirx.Add, visit), (tirx.Sub, visit)], order="post")
+    return found
 
 
 def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:

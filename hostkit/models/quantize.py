@@ -3,8 +3,9 @@
 Batch norm is folded into the convolutions first (as the build would), then every convolution and
 linear layer becomes a quantized one: weights int8 per output channel (symmetric), its input int8
 per tensor with a scale from calibration, and the layer computes on the integer values
-(`round(x / s)` clipped to +-127, a convolution with the integer weights, then one multiply by
-`s * s_w` and the bias: the requantization). The result is an ordinary torch module whose output is
+(`round(x / s)` clipped to +-127, a convolution with the integer weights, the bias added as an
+integer at the accumulator's scale `s * s_w` (as int8 runtimes keep it, in int32), then one
+multiply by `s * s_w`: the requantization). The result is an ordinary torch module whose output is
 the reference the device must match, and whose exported graph carries exactly the pattern the build
 lowers to int8 x int8 -> int32 kernels (`hostkit.build.int8`): the scales PyTorch used are the
 scales the board uses.
@@ -118,7 +119,7 @@ def quantize_int8(model: LoadedModel, samples: list[np.ndarray], method: str) ->
                         int8_mb=_megabytes(quantized, True))
     info.vs_fp32_top1 = _top1_agreement(model._module, quantized, [*samples, *model.inputs])
     digest = hashlib.sha256(model.identity.encode())
-    digest.update(f"int8|{method}|{len(samples)}".encode())
+    digest.update(f"int8|{method}|{len(samples)}|int32-bias".encode())
     for name in sorted(scales):
         digest.update(f"{name}={scales[name]!r}".encode())
     return LoadedModel(name=model.name, program=None, inputs=model.inputs,
@@ -221,7 +222,9 @@ def _quant_classes() -> tuple[type, type]:
     from torch import nn
 
     class QuantLayer(nn.Module):
-        """int8 weights per output channel, the fused requantization scale, the fp32 bias."""
+        """int8 weights per output channel, the fused requantization scale, and the bias as
+        integers at that scale: `(acc + bias) * scale`. The add comes before the multiply, so
+        no multiply feeds an add and a device's FMA rounds nothing PyTorch rounds twice."""
 
         weight_int: torch.Tensor
         scale: torch.Tensor
@@ -234,7 +237,8 @@ def _quant_classes() -> tuple[type, type]:
             bias = layer.bias.detach() if layer.bias is not None else torch.zeros(len(scale))
             self.register_buffer("weight_int", integers)
             self.register_buffer("scale", scale.view(shape))
-            self.register_buffer("bias", bias.float().view(shape))
+            bias_int = torch.round(bias.double() / scale.double()).clamp(-2**31, 2**31 - 1)
+            self.register_buffer("bias", bias_int.float().view(shape))
             self.input_scale = input_scale
 
         def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,14 +253,14 @@ def _quant_classes() -> tuple[type, type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = F.conv2d(self.quantize(x), self.weight_int, None, self.stride, self.padding,
                          self.dilation, self.groups)
-            return y * self.scale + self.bias
+            return (y + self.bias) * self.scale
 
     class QuantLinear(QuantLayer):
         def __init__(self, linear: nn.Linear, input_scale: float) -> None:
             super().__init__(linear, input_scale, (-1,))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(self.quantize(x), self.weight_int) * self.scale + self.bias
+            return (F.linear(self.quantize(x), self.weight_int) + self.bias) * self.scale
 
     return QuantConv, QuantLinear
 

@@ -101,3 +101,23 @@ def test_exact_builds_keep_float_multiplies_out_of_adds() -> None:
 
     assert blocks(exact=False) == 1, "elementwise neighbours are inlined"
     assert blocks(exact=True) == 2, "the multiply keeps its own block"
+
+
+def test_exact_builds_inline_a_multiply_that_feeds_no_add() -> None:
+    """int8's requantize, (acc + b) * s, then ReLU and the next layer's x / s': no multiply
+    under an add, nothing to fuse into an FMA, so an exact build inlines it all into one block."""
+    import tvm
+    from tvm import te, tirx
+
+    from hostkit.build.cpu_schedule import default_schedule
+
+    acc = te.placeholder((4, 64))
+    biased = te.compute(acc.shape, lambda i, j: acc[i, j] + 3.0, name="biased")
+    scaled = te.compute(acc.shape, lambda i, j: biased[i, j] * 0.1, name="scaled")
+    relu = te.compute(acc.shape, lambda i, j: tirx.max(scaled[i, j], 0.0), name="relu")
+    quant = te.compute(acc.shape, lambda i, j: relu[i, j] / 0.3, name="quant")
+    func = te.create_prim_func([acc, quant])
+    scheduled = default_schedule(exact=True).apply(func, tvm.target.Target({"kind": "llvm"}),
+                                                   False)
+    assert scheduled is not None
+    assert scheduled.mod["main"].script().count("with T.sblock(") - 1 == 1
