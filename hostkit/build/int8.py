@@ -7,8 +7,9 @@ takes its input and weights as int8 and accumulates in int32, with one cast back
 the requantization multiply; fusion then puts the next layer's quantize into the same kernel. The
 arithmetic is exact on both sides (integer products, int32 sums), so the device computes what
 PyTorch's quantized model computed. Layers that do not have the pattern stay in fp32 and are
-counted, never silently. On a target with AVX-512 VNNI the 1x1 convolutions go to the
-hand-scheduled `vpdpbusd` kernels of `hostkit.build.vnni` instead.
+counted, never silently. On a target with AVX-512 VNNI every convolution that is not grouped
+goes to the hand-scheduled `vpdpbusd` matmul of `hostkit.build.vnni` instead: a 1x1 one over its
+pixels, any other over its windows gathered into rows (im2col).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ QMAX = 127
 @dataclass
 class Int8Lowering:
     int8: int = 0  # convolutions and matmuls now computing in int8
-    vnni: int = 0  # of those, 1x1 convolutions on the VNNI matmul kernel
+    vnni: int = 0  # of those, convolutions on the VNNI matmul kernel
     fp32: list[str] = field(default_factory=list)  # those left in float, as "op(shape)"
 
 
 def lower_int8(mod: "tvm.IRModule",
                target: "tvm.target.Target | None" = None) -> tuple["tvm.IRModule", Int8Lowering]:
     """`mod` with every quantized convolution and matmul computing on int8; with VNNI kernels for
-    the 1x1 convolutions when `target` has AVX-512 VNNI."""
+    the convolutions that are not grouped when `target` has AVX-512 VNNI."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -78,37 +79,60 @@ def lower_int8(mod: "tvm.IRModule",
     kernels: dict[tuple[int, int, int], Any] = {}
 
     def vnni_conv(expr: Any, matches: Any, w: np.ndarray) -> Any:
-        """A 1x1 convolution as pixels x channels . w on the VNNI kernel, or None."""
+        """A convolution as patches x (kernel window . input channels) . w on the VNNI kernel,
+        or None: a 1x1 one reads its pixels as they are, any other gathers each output pixel's
+        window into one row first (im2col, in the order the weights are flattened)."""
         attrs = expr.attrs
-        shape = matches[data].ty.shape
-        if (padded in matches or w.shape[2:] != (1, 1) or w.shape[1] % vnni.DEPTH
-                or int(attrs.groups) != 1 or attrs.data_layout != "NCHW"
+        source = matches[padded] if padded in matches else matches[data]
+        shape = source.ty.shape
+        if (int(attrs.groups) != 1 or attrs.data_layout != "NCHW"
                 or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
-                or any(int(v) != 1 for v in (*attrs.strides, *attrs.dilation))
-                or any(int(v) != 0 for v in attrs.padding)
                 or not all(hasattr(d, "value") for d in shape)):
             return None
         n, c, h, wd = (int(d.value) for d in shape)
-        out, rows = w.shape[0], n * h * wd
-        packed, cols = vnni.pack_weights(w[:, :, 0, 0])
-        x = matches[data]
-        if input_dtype(matches) == "int8":  # vpdpbusd wants unsigned data: x + 128 ...
+        out, _, kh, kw = w.shape
+        (sh, sw), (dh, dw) = ([int(v) for v in attrs.strides], [int(v) for v in attrs.dilation])
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        ow = (wd + left + right - dw * (kw - 1) - 1) // sw + 1
+        depth = kh * kw * c
+        flat = w.transpose(0, 2, 3, 1).reshape(out, depth)  # (kh, kw, c) order, as gathered
+        wide = -(-depth // vnni.DEPTH) * vnni.DEPTH
+        if wide != depth:  # the instruction sums 4 bytes: zero weights pad the depth
+            flat = np.concatenate([flat, np.zeros((out, wide - depth), "int8")], axis=1)
+        rows = n * oh * ow
+        packed, cols = vnni.pack_weights(flat)
+        shifted = input_dtype(matches) == "int8"
+        x = source
+        if shifted:  # vpdpbusd wants unsigned data: x + 128 (padding too) ...
             x = relax.op.add(x, relax.const(128.0, "float32"))
-        pixels = relax.op.reshape(relax.op.permute_dims(relax.op.astype(x, "uint8"),
-                                                        [0, 2, 3, 1]), (rows, c))
-        key = (rows, cols, c)
+        x = relax.op.permute_dims(x, [0, 2, 3, 1])
+        if top or left or bottom or right:  # the convolution's own padding, of integer 0
+            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0],
+                                pad_value=128.0 if shifted else 0.0)
+        x = relax.op.astype(x, "uint8")
+        if (kh, kw, sh, sw) != (1, 1, 1, 1):  # each window position's pixels, side by side
+            windows = [relax.op.strided_slice(
+                x, axes=[1, 2], begin=[i * dh, j * dw],
+                end=[i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], strides=[sh, sw])
+                for i in range(kh) for j in range(kw)]
+            x = relax.op.concat(windows, axis=3) if len(windows) > 1 else windows[0]
+        if wide != depth:
+            x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, wide - depth], pad_value=0.0)
+        pixels = relax.op.reshape(x, (rows, wide))
+        key = (rows, cols, wide)
         if key not in kernels:
-            kernels[key] = builder.add_func(vnni.matmul_kernel(rows, cols, c),
-                                            f"vnni_matmul_{rows}x{cols}x{c}")
+            kernels[key] = builder.add_func(vnni.matmul_kernel(rows, cols, wide),
+                                            f"vnni_matmul_{rows}x{cols}x{wide}")
         y = relax.call_tir(kernels[key], [pixels, relax.const(packed)],
                            relax.TensorType((rows, cols), "int32"))
-        if input_dtype(matches) == "int8":  # ... and 128 * sum(w) comes off the result
-            shift = np.zeros(cols, dtype="int32")
-            shift[:out] = 128 * w[:, :, 0, 0].astype("int32").sum(axis=1)
-            y = relax.op.subtract(y, relax.const(shift))
+        if shifted:  # ... and 128 * sum(w) comes off the result
+            correction = np.zeros(cols, dtype="int32")
+            correction[:out] = 128 * w.reshape(out, -1).astype("int32").sum(axis=1)
+            y = relax.op.subtract(y, relax.const(correction))
         if cols != out:
             y = relax.op.strided_slice(y, axes=[1], begin=[0], end=[out])
-        return relax.op.permute_dims(relax.op.reshape(y, (n, h, wd, out)), [0, 3, 1, 2])
+        return relax.op.permute_dims(relax.op.reshape(y, (n, oh, ow, out)), [0, 3, 1, 2])
 
     def lower_conv(expr: Any, matches: Any) -> Any:
         w, x = integral(matches), integer_input(matches)

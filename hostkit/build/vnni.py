@@ -1,12 +1,15 @@
-"""VNNI kernels: int8 1x1 convolutions as uint8 x int8 -> int32 matmuls on AVX-512 VNNI.
+"""VNNI kernels: int8 convolutions as uint8 x int8 -> int32 matmuls on AVX-512 VNNI.
 
-Most of a MobileNet's arithmetic is in its 1x1 convolutions, and Relax legalizes them into
-loops that neither the untuned build nor MetaSchedule's VNNI rule turns into `vpdpbusd` (the
-rule finds nothing it can tensorize in an NCHW or NHWC convolution). Here such a convolution
-becomes a matmul over (pixels, input channels) with the weights packed the way the instruction
+Relax legalizes a convolution into loops that neither the untuned build nor MetaSchedule's VNNI
+rule turns into `vpdpbusd` (the rule finds nothing it can tensorize in an NCHW or NHWC
+convolution). Here a convolution becomes a matmul: rows are output pixels, each the input's
+window under the kernel (a 1x1 convolution's pixel as it is; any other's window gathered into
+one row, im2col, by `hostkit.build.int8`), against the weights packed the way the instruction
 reads them (16 output channels x 4 input channels per 64 bytes), scheduled once, by hand, and
 tensorized with a 16x4 dot-product intrinsic; the kernel is marked scheduled, so tuning leaves
-it as it is and tunes the rest of the model.
+it as it is and tunes the rest of the model. Measured (untuned, side by side, loaded 2-core
+machine): ResNet-18 int8 with its 3x3 convolutions on the default int8 schedule 101 ms, on
+this kernel 47 ms (fp32 119 ms).
 
 `vpdpbusd` multiplies unsigned by signed bytes. A PT2E program's uint8 activations go in as they
 are; edgekit's own symmetric int8 activations go in as x + 128, and 128 * sum(w) per output
