@@ -47,6 +47,7 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     import tvm
     from tvm.relax import transform as rt
 
+    mod = _clips_as_min_max(mod)
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
@@ -58,6 +59,31 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
                  first_line(exc)[:200])
         return mod
     return converted
+
+
+def _clips_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
+    """Every `clip(x, lo, hi)` of `main` as `minimum(maximum(x, lo), hi)`, the same values.
+
+    TVM's layout conversion knows no layout for `clip` and leaves it NCHW, with a transpose on
+    each side: every ReLU6 of a MobileNet, and every int8 model's quantize, cost two. It knows
+    the elementwise maximum and minimum."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    def rewrite(expr: Any, _matches: Any) -> Any:
+        x, *bounds = expr.args
+        values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
+        values = [getattr(v, "value", v) for v in values]
+        if not all(isinstance(v, (int, float)) for v in values):
+            return expr
+        dtype = str(x.ty.dtype)
+        return relax.op.minimum(relax.op.maximum(x, relax.const(values[0], dtype)),
+                                relax.const(values[1], dtype))
+
+    mod = mod.clone()  # the caller's module stays as it was
+    mod["main"] = rewrite_call(is_op("relax.clip")(wildcard(), wildcard(), wildcard()), rewrite,
+                               mod["main"])
+    return mod
 
 
 def build_pipeline(target: "tvm.target.Target", exact: bool = False) -> "tvm.transform.Pass":

@@ -121,3 +121,37 @@ def test_exact_builds_inline_a_multiply_that_feeds_no_add() -> None:
                                                    False)
     assert scheduled is not None
     assert scheduled.mod["main"].script().count("with T.sblock(") - 1 == 1
+
+
+def test_relu6_between_convolutions_needs_no_transposes() -> None:
+    """conv -> clip(0, 6) -> conv in NHWC: TVM's layout conversion keeps a clip NCHW (two
+    transposes around every ReLU6); as minimum(maximum()) it converts, with the same values."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.normal(size=(8, 8, 3, 3))
+                                                          .astype("float32")), padding=1))
+            y = bb.emit(relax.op.clip(y, 0.0, 6.0))
+            out = bb.emit_output(relax.op.nn.conv2d(
+                y, relax.const(rng.normal(size=(4, 8, 1, 1)).astype("float32"))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    from hostkit.build.cpu_schedule import compile_untuned, nhwc_convolutions
+
+    target = tvm.target.Target({"kind": "llvm"})
+    script = nhwc_convolutions(mod, target)["main"].script()
+    assert script.count("R.nn.conv2d(") == 2 and 'data_layout="NHWC"' in script
+    assert script.count("R.permute_dims(") == 2, "one transpose in, one out: none around clip"
+    assert "R.clip(" in mod["main"].script(), "the caller's module is left as it was"
+
+    data = rng.normal(size=(1, 8, 6, 6)).astype("float32")
+    want = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(data)).numpy()
+    got = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

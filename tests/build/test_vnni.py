@@ -93,3 +93,39 @@ def test_convolutions_compile_to_vpdpbusd_and_match(activations: str, channels: 
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     assert np.array_equal(got, want.astype("float32")), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("activations", ["int8", "uint8-zero-point"])
+def test_linear_layers_compile_to_vpdpbusd_and_match(activations: str) -> None:
+    """A classifier: quantize -> matmul(q, W.T) -> * 0.5, 1000 outputs (padded to 1008)."""
+    import tvm
+    from tvm import relax
+
+    target = _host_target()
+    if not has_vnni(target):  # type: ignore[arg-type]
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni): the VNNI kernels are not used")
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, size=(1000, 96)).astype("int8")
+    scale, zp = 0.05, (None if activations == "int8" else 100.0)
+    low, high = (-127.0, 127.0) if zp is None else (0.0, 255.0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 96), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.round(relax.op.divide(x, relax.const(scale, "float32"))))
+            if zp is not None:
+                q = bb.emit(relax.op.add(q, relax.const(zp, "float32")))
+            q = bb.emit(relax.op.clip(q, low, high))
+            t = bb.emit(relax.op.permute_dims(relax.const(w.astype("float32"))))
+            y = bb.emit(relax.op.matmul(q, t))
+            out = bb.emit_output(relax.op.multiply(y, relax.const(0.5, "float32")))
+        bb.emit_func_output(out)
+    mod, report = lower_int8(bb.get(), target)  # type: ignore[arg-type]
+    assert (report.int8, report.vnni, report.fp32) == (1, 1, [])
+    executable = tvm.compile(mod, target)
+
+    data = rng.normal(0, 3, size=(2, 96)).astype("float32")
+    q_np = np.clip(np.round(data / np.float32(scale)) + (zp or 0.0), low, high).astype("int64")
+    want = (q_np @ w.T.astype("int64")) * 0.5
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    assert np.array_equal(got, want.astype("float32")), np.abs(got - want).max()
