@@ -51,6 +51,8 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
+                rt.FoldBatchnormToConv2D(),
+                rt.FoldConstant(),
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
             ])(mod)
