@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["compile_untuned", "nhwc_convolutions", "default_schedule", "build_pipeline"]
 
 log = logging.getLogger("edgekit")
-UNROLL = 4  # rows of the next output axis accumulated beside each vector
+# Rows of an output axis accumulated beside each vector, in order of preference: four keep an
+# FMA unit busy; 7 and 2 fit the 14x14 and 7x7 maps whose rows four does not divide.
+UNROLL = (4, 7, 2, 3)
 
 
 def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
@@ -232,6 +234,17 @@ def _fma_risk(producer: Any, consumer: Any) -> bool:
     return found
 
 
+def _weights_dominate(sch: Any, spatial: list[Any], reduce: list[Any]) -> bool:
+    """Whether a reduction has fewer output pixels than terms per output (a late layer: 7x7
+    pixels, 3x3x512 terms), so its weights outweigh its input."""
+    pixels = terms = 1
+    for loop in spatial[:-1]:
+        pixels *= _extent(sch, loop) or 1
+    for loop in reduce:
+        terms *= _extent(sch, loop) or 1
+    return pixels < terms
+
+
 def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:
     """Schedule one block; False when its loops are not plain spatial and reduction loops."""
     block = info.block_rv
@@ -254,19 +267,34 @@ def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:
             width //= 2
         if width >= 4:
             spatial[-1], vector = sch.split(spatial[-1], factors=[None, width])
-    unrolled = None
+    unrolled = lanes_block = None
     if reduce and vector is not None:
-        for index, loop in enumerate(spatial):
-            rows = _extent(sch, loop)
-            if rows is not None and rows >= 2 * UNROLL and rows % UNROLL == 0:
-                spatial[index], unrolled = sch.split(loop, factors=[None, UNROLL])
-                break
-    inner = [loop for loop in (unrolled, vector) if loop is not None]
+        # Rows of pixels first (each weight vector loaded once for all of them), the vector's
+        # own axis (several vectors of output channels per pixel) only where none divides.
+        pixel_axes = [(index, _extent(sch, loop)) for index, loop in enumerate(spatial[:-1])]
+        choices = [(index, rows) for rows in UNROLL for index, extent in pixel_axes
+                   if extent is not None and extent >= rows and extent % rows == 0]
+        last = _extent(sch, spatial[-1])
+        choices += [(len(spatial) - 1, rows) for rows in UNROLL
+                    if last is not None and last >= rows and last % rows == 0]
+        if choices:
+            index, rows = choices[0]
+            spatial[index], unrolled = sch.split(spatial[index], factors=[None, rows])
+            last = _extent(sch, spatial[-1])
+            if index < len(spatial) - 1 and rows <= 7 and last is not None and last % 2 == 0:
+                # and two vectors of output channels beside them: 2 x rows accumulators
+                spatial[-1], lanes_block = sch.split(spatial[-1], factors=[None, 2])
+    if reduce and vector is not None and len(spatial) > 1 and _weights_dominate(sch, spatial,
+                                                                                 reduce):
+        spatial.insert(0, spatial.pop())  # output channels outermost: each slice of weights
+        # is read once for every pixel from cache, not once per pixel row from memory
+    inner = [loop for loop in (unrolled, lanes_block, vector) if loop is not None]
     sch.reorder(*spatial, *reduce, *inner)
     outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     sch.parallel(outer)
-    if unrolled is not None:
-        sch.unroll(unrolled)
+    for loop in (unrolled, lanes_block):
+        if loop is not None:
+            sch.unroll(loop)
     if vector is not None:
         sch.vectorize(vector)
         if reduce:
