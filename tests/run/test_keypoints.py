@@ -92,7 +92,7 @@ def test_a_near_tie_between_two_maxima_is_told_from_a_wrong_place() -> None:
     KEYPOINT_SCORE_DIFF of its maximum, and fails when it is clearly higher elsewhere."""
     device = _detections(12, size=56.0)
     want = _torchvision(_two_peaks(device, -KEYPOINT_SCORE_DIFF / 4))  # PyTorch: (10, 10)
-    tie = _two_peaks(device, KEYPOINT_SCORE_DIFF / 4)  # the device: (40, 40), by 2.5e-4
+    tie = _two_peaks(device, KEYPOINT_SCORE_DIFF / 4)  # the device: (40, 40), just higher
     check = compare_outputs(tie, want, "detection", NAMES, steps=STEPS)
     assert check.passed(), check.reason()
     assert check.details()["keypoint_ties"] == 1 and check.details()["max_keypoint_px"] == 0
