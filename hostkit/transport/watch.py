@@ -12,6 +12,7 @@ or was killed, and the message says so, with the last lines of its log when edge
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -37,6 +38,8 @@ class Watch:
         self.limit = stall_timeout  # the current stage's
         self.address = address
         self.log_tail = log_tail or (lambda: "")
+        self.timed_session = session_timeout is not None  # the daemon ends it after that long
+        self.started = time.monotonic()
 
     def progress(self) -> None:
         """The host saw the device advance (a chunk of a benchmark came back)."""
@@ -81,6 +84,17 @@ class Watch:
         if self.relay.peer_closed or (exc is not None and _closed_text(exc)):
             tail = self.log_tail()
             shown = f"; its log ends: {tail}" if tail else ""
+            elapsed = time.monotonic() - self.started
+            if "timeout in RPC session" in tail or (
+                    self.timed_session and elapsed >= self.session_timeout - 1.0):
+                # TVM's server ends a session at the timeout the host asked for, as if killed
+                return RemoteError(
+                    f"the session reached session_timeout ({self.session_timeout:g}s) during "
+                    f"{stage}, after {elapsed:.0f}s, and the daemon at {self.address} ended it",
+                    device=self.device, stage=stage,
+                    hint=f"raise session_timeout for {self.device} in the inventory (one "
+                         "untuned run of a large detector can take minutes), or run fewer "
+                         "--repeat/--warmup runs")
             return RemoteError(
                 f"the daemon at {self.address} closed the connection during {stage}: it "
                 f"crashed or was killed (out of memory on the board?){shown}",

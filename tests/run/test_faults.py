@@ -148,6 +148,18 @@ def test_frozen_and_killed_daemons_fail_within_stall_timeout(daemon: Daemon,
         frozen.stop()
 
 
+def test_a_session_past_session_timeout_says_so(daemon: Daemon) -> None:
+    """TVM's server ends a session at the host's session_timeout the way a crash would; the row
+    names the timeout and what to raise, not a crash or the board's memory."""
+    (row,) = run_fleet([_device("short", daemon.port, session_timeout=10.0)], TINY,
+                       RunOptions(repeat=1_000_000, warmup=1))
+    assert row.status == "failed" and row.stage == "benchmark", row.error
+    assert row.error is not None and row.error.startswith(
+        "the session reached session_timeout (10s) during benchmark"), row.error
+    assert "raise session_timeout for short" in row.error
+    assert "crashed" not in row.error
+
+
 def test_port_that_accepts_and_never_answers(daemon: Daemon, write_inventory: Any,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """A deploy fails "busy" at session_timeout, `edgekit devices` answers within seconds."""
