@@ -107,7 +107,9 @@ def deploy_summary(console: Console, result: RunResult) -> None:
     if lat is not None:
         mark = " [yellow](emulated board: not board timings)[/yellow]" if result.emulated else ""
         rows.append(("latency", f"p50 {_ms(lat.p50)} ms · p90 {_ms(lat.p90)} ms · mean "
-                                f"{_ms(lat.mean)} ± {_ms(lat.std)} ms · n={lat.n}{mark}"))
+                                f"{_ms(lat.mean)} ± {_ms(lat.std)} ms · n={lat.n}{mark}"
+                                + (f" [yellow]({result.runs_cut})[/yellow]"
+                                   if result.runs_cut else "")))
     cpp = result.cpp
     if cpp is not None:
         rows.append(("C++ runner", f"bundle {cpp.bundle_bytes / 1e6:.1f} MB · load "

@@ -112,6 +112,7 @@ class RunResult:
     memory: dict[str, float] = field(default_factory=dict)  # artifact, weights, idle, peak (MB)
     profile: dict[str, Any] | None = None  # per-kernel times on the device (hostkit.run.profile)
     latency_ms: Latency | None = None
+    runs_cut: str | None = None  # fewer timed runs than asked, and why (session_timeout)
     cpp: CppRun | None = None  # with --runtime cpp: the same model through the C++ runner
     baselines: list[Baseline] = field(default_factory=list)  # with --baselines, in that order
     fastest: str | None = None  # with --baselines: the engine with the lowest p50 ("tvm", ...)

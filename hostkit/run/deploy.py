@@ -352,6 +352,10 @@ def _run_one(session: "DeviceSession", device: Device, spec: ModelSpec, result: 
 
         note(device.name, spec.name, f"benchmarking ({options.repeat} runs)")
         result.latency_ms = Latency.from_samples(loaded.benchmark(options.repeat, options.warmup))
+        if loaded.cut is not None:
+            result.runs_cut = (f"{loaded.cut[0]} of {loaded.cut[1]} runs: more would pass "
+                               f"session_timeout ({device.session_timeout:g}s)")
+            note(device.name, spec.name, f"benchmarked {result.runs_cut}")
         if options.profile_runs:
             from hostkit.run.profile import kernel_rows
 

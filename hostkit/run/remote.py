@@ -175,6 +175,7 @@ class LoadedRemote:
     device: str
     watch: Watch | None = None
     first_ms: float | None = None
+    cut: tuple[int, int] | None = None  # (runs timed, runs asked) when session_timeout cut them
 
     def _stage(self, name: str, window: float | None = None) -> ContextManager[None]:
         return self.watch.stage(name, window) if self.watch is not None else nullcontext()
@@ -206,10 +207,20 @@ class LoadedRemote:
 
         Each sample is one inference (`number=1`) whichever chunk timed it, so the figures are
         those of one long `time_evaluator` call; chunks only bound each RPC call's length.
+        Runs that would take the session past its session_timeout (the daemon would end it)
+        are not started: `self.cut` then says how many ran of how many asked.
         """
+        per_run_s = max((self.first_ms or 1.0) / 1e3, 1e-6)
+        if self.watch is not None and self.watch.timed_session:
+            # half the time left, so the runs that follow (profile, memory) fit too
+            left = self.watch.session_timeout - (time.monotonic() - self.watch.started)
+            fits = int(0.5 * left / per_run_s) - 1  # time_evaluator's untimed run
+            if fits < repeat + warmup:
+                warmup = min(warmup, max(0, fits - 1))
+                self.cut = (max(1, fits - warmup), repeat)
+                repeat = self.cut[0]
         total = repeat + warmup
         target_s = self.watch.stall_timeout * CHUNK_SHARE if self.watch else float("inf")
-        per_run_s = max((self.first_ms or 1.0) / 1e3, 1e-6)
         samples: list[float] = []
         timers: dict[int, Any] = {}
         while len(samples) < total:
