@@ -49,7 +49,6 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     import tvm
     from tvm.relax import transform as rt
 
-    mod = _clips_as_min_max(mod)
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
@@ -57,11 +56,11 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
                 rt.FoldConstant(),
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
-            ])(mod)
+            ])(_clips_as_min_max(mod))
     except Exception as exc:  # TVM raises its own errors from inside the pass
         log.info("convolutions stay NCHW: TVM's layout conversion stopped (%s)",
                  first_line(exc)[:200])
-        return mod
+        return mod  # as it came: the detectors' post-processing is then left untouched
     return converted
 
 
@@ -78,8 +77,9 @@ def _clips_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
         x, *bounds = expr.args
         values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
         values = [getattr(v, "value", v) for v in values]
-        if not all(isinstance(v, (int, float)) for v in values):
-            return expr
+        if not all(isinstance(v, (int, float)) for v in values) or not isinstance(
+                getattr(x.ty, "shape", None), relax.ShapeExpr):
+            return expr  # a tensor of unknown shape (NMS's output): only clip legalizes it
         dtype = str(x.ty.dtype)
         return relax.op.minimum(relax.op.maximum(x, relax.const(values[0], dtype)),
                                 relax.const(values[1], dtype))
