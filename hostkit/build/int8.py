@@ -31,7 +31,7 @@ NCHW, NHWC = ("NCHW", "OIHW", "NCHW"), ("NHWC", "HWIO", "NHWC")  # data, kernel,
 @dataclass
 class Int8Lowering:
     int8: int = 0  # convolutions and matmuls now computing in int8
-    vnni: int = 0  # of those, convolutions on the VNNI matmul kernel
+    vnni: int = 0  # of those, convolutions and linear layers on the VNNI matmul kernel
     fp32: list[str] = field(default_factory=list)  # those left in float, as "op(shape)"
 
 
