@@ -52,8 +52,6 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
-                rt.FoldBatchnormToConv2D(),
-                rt.FoldConstant(),
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
             ])(_clips_as_min_max(mod))
@@ -77,9 +75,12 @@ def _clips_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
         x, *bounds = expr.args
         values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
         values = [getattr(v, "value", v) for v in values]
-        if not all(isinstance(v, (int, float)) for v in values) or not isinstance(
-                getattr(x.ty, "shape", None), relax.ShapeExpr):
-            return expr  # a tensor of unknown shape (NMS's output): only clip legalizes it
+        shape = getattr(x.ty, "shape", None)
+        if (not all(isinstance(v, (int, float)) for v in values)
+                or not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4):
+            # feature maps only: a detector's box clamps stay clips (TVM's layout conversion
+            # crashed on FCOS's with them rewritten; an unknown shape cannot legalize)
+            return expr
         dtype = str(x.ty.dtype)
         return relax.op.minimum(relax.op.maximum(x, relax.const(values[0], dtype)),
                                 relax.const(values[1], dtype))
