@@ -119,7 +119,8 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
     """The executable of an untuned build: for an LLVM target in NHWC with default schedules,
     for any other target as TVM compiles it.
 
-    `exact` (an int8 model) keeps float multiplies out of their consumers' expressions: once a
+    A module whose NHWC form does not build (SSD's post-processing, past its rewritten clips,
+    does not legalize) is built as it came. `exact` (an int8 model) keeps float multiplies out of their consumers' expressions: once a
     multiply and an add share one, LLVM fuses them into an FMA, one rounding where PyTorch's
     quantized model has two, and a value a hair from .5 then quantizes the other way (measured:
     MobileNetV2 int8 0.19 off PyTorch's quantized model with them inlined, exact without)."""
@@ -127,8 +128,15 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
 
     if str(target.kind.name) != "llvm":
         return tvm.compile(mod, target)
-    return tvm.compile(nhwc_convolutions(mod, target), target,
-                       relax_pipeline=build_pipeline(target, exact))
+    pipeline = build_pipeline(target, exact)
+    converted = nhwc_convolutions(mod, target)
+    if converted is not mod:
+        try:
+            return tvm.compile(converted, target, relax_pipeline=pipeline)
+        except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower
+            log.info("the NHWC module did not build (%s); building it NCHW",
+                     first_line(exc)[:200])
+    return tvm.compile(mod, target, relax_pipeline=pipeline)
 
 
 def default_schedule(exact: bool = False) -> Any:
