@@ -411,7 +411,8 @@ def test_ctrl_c_prints_what_finished_and_jsonl_keeps_it(daemon: Daemon, tmp_path
     import json
 
     inv = tmp_path / "inv.yaml"
-    inv.write_text(f"defaults: {{target: {{kind: llvm}}, stall_timeout: {STALL}}}\ndevices:\n"
+    inv.write_text(f"defaults: {{target: {{kind: llvm}}, stall_timeout: {STALL}, "
+                   "session_timeout: 86400}\ndevices:\n"
                    f"  long: {{port: {daemon.port}}}\n  gone: {{port: 9, retries: 0}}\n",
                    encoding="utf-8")
     lines = tmp_path / "out" / "rows.jsonl"
