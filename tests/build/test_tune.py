@@ -160,7 +160,7 @@ def test_tune_int8_model_then_deploy_applies_its_records(local_inventory: Path,
 
     device = load_inventory(local_inventory).get("local")
     spec = ModelSpec("tinycnn", quantize="int8", calibration="4")
-    summary = tune_on_device(device, spec, trials=8, trials_per_task=2, time_budget_min=None,
+    summary = tune_on_device(device, spec, trials=4, trials_per_task=2, time_budget_min=None,
                              console=None)
     assert summary["tasks"] >= 3 and summary["valid_trials"] > 0
 
