@@ -112,9 +112,14 @@ class Fleet:
         _ip("link", "set", self.veth(i), *args)
 
     def shape(self, i: int, rate: str) -> None:
-        """Limit what the host sends to namespace i to `rate` (a token bucket: tbf)."""
+        """Limit what the host sends to namespace i to `rate` (a token bucket: tbf).
+
+        The queue holds 20 s of traffic, so the link is slow but loses nothing: with a short
+        queue tbf drops the tail of a burst, and TCP's retransmit timeout (its RTT inflated by the
+        queue) left over a second with nothing acknowledged, which a test's short stall_timeout
+        rightly read as a stall (CI failed so once)."""
         subprocess.run(["tc", "qdisc", "replace", "dev", self.veth(i), "root", "tbf", "rate",
-                        rate, "burst", "16kb", "latency", "400ms"], check=True,
+                        rate, "burst", "16kb", "latency", "20s"], check=True,
                        capture_output=True, timeout=30)
 
     def close(self) -> None:
