@@ -149,8 +149,11 @@ def default_schedule(exact: bool = False) -> Any:
         def apply(self, func: Any, target: "tvm.target.Target", _tunable: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
+            from hostkit.build import vnni
+
             try:
-                return _schedule(func, _vector_bits(target), exact)
+                return (vnni.schedule(func, _vector_bits(target))
+                        or _schedule(func, _vector_bits(target), exact))
             except Exception:  # scheduling failed part way: the kernel stays as it was
                 return None
 
@@ -181,8 +184,11 @@ def _schedule(func: Any, vector_bits: int, exact: bool = False) -> Any:
     if blocks is None:
         return None
     blocks = _inline(sch, blocks, exact)
-    scheduled = [_schedule_block(sch, info, vector_bits) for info in blocks]
-    return sch if any(scheduled) else None
+    scheduled = False
+    while blocks:
+        info = blocks.pop(0)
+        scheduled = _schedule_block(sch, info, vector_bits, blocks) or scheduled
+    return sch if scheduled else None
 
 
 def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
@@ -258,8 +264,10 @@ def _weights_dominate(sch: Any, spatial: list[Any], reduce: list[Any]) -> bool:
     return pixels < terms
 
 
-def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:
-    """Schedule one block; False when its loops are not plain spatial and reduction loops."""
+def _schedule_block(sch: Any, info: Any, vector_bits: int, rest: list[Any]) -> bool:
+    """Schedule one block; False when its loops are not plain spatial and reduction loops. A
+    reduction's elementwise consumer (its epilogue) is computed as each block of output is
+    written back, and leaves `rest`, the blocks still to schedule."""
     block = info.block_rv
     loops = sch.get_loops(block)
     kinds = info.dom_kind()
@@ -311,7 +319,27 @@ def _schedule_block(sch: Any, info: Any, vector_bits: int) -> bool:
     if vector is not None:
         sch.vectorize(vector)
         if reduce:
-            accumulator = sch.cache_write(block, 0, "local")
+            accumulator = sch.cache_write(block, 0, "global")
             sch.reverse_compute_at(accumulator, outer)
+            _fuse_epilogue(sch, accumulator, rest)
             sch.vectorize(sch.get_loops(accumulator)[-1])
     return True
+
+
+def _fuse_epilogue(sch: Any, write_back: Any, rest: list[Any]) -> None:
+    """Inline the one elementwise consumer of a reduction's output into the write-back of its
+    accumulators, so the output goes out once, finished, instead of written whole and read back
+    (an int8 depthwise convolution's int32 output, its requantization after it). The write-back
+    only copies, so no float multiply comes to sit under an add."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return
+    stmt = sch.get(consumers[0])
+    epilogue = next((info for info in rest if sch.get(info.block_rv).same_as(stmt)), None)
+    if epilogue is None or not epilogue.is_injective():
+        return
+    try:
+        sch.reverse_compute_inline(consumers[0])
+    except Exception:  # its reads do not map one to one onto the output (e.g. a transpose)
+        return
+    rest.remove(epilogue)

@@ -102,7 +102,7 @@ def lower_int8(mod: "tvm.IRModule",
 
         mod = nhwc_convolutions(mod, target)
     builder = relax.BlockBuilder(mod)  # gives the kernels typed global vars to call
-    kernels: dict[tuple[int, int, int], Any] = {}
+    kernels: dict[tuple[tuple[int, ...], int, int], Any] = {}
 
     def vnni_conv(expr: Any, matches: Any, w: np.ndarray) -> Any:
         """A convolution as patches x (kernel window . input channels) . w on the VNNI kernel,
@@ -144,30 +144,33 @@ def lower_int8(mod: "tvm.IRModule",
                 end=[i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], strides=[sh, sw])
                 for i in range(kh) for j in range(kw)]
             x = relax.op.concat(windows, axis=3) if len(windows) > 1 else windows[0]
-        y = vnni_matmul(relax.op.reshape(x, (n * oh * ow, depth)), n * oh * ow, flat, shifted)
-        y = relax.op.reshape(y, (n, oh, ow, out))
+        y = vnni_matmul(relax.op.reshape(x, (n * oh * ow, depth)), (n, oh, ow), flat, shifted)
         return y if nhwc else relax.op.permute_dims(y, [0, 3, 1, 2])
 
-    def vnni_matmul(rows: Any, m: int, w: np.ndarray, shifted: bool) -> Any:
-        """rows (uint8, [m, depth]) . w.T (w: int8, [out, depth]) in int32 on the VNNI kernel;
-        `shifted` rows hold int8 values + 128, and 128 * sum(w) comes off their result."""
+    def vnni_matmul(rows: Any, pixels: tuple[int, ...], w: np.ndarray, shifted: bool) -> Any:
+        """rows (uint8, [m, depth]) . w.T (w: int8, [out, depth]) in int32 on the VNNI kernel,
+        shaped (*pixels, out) (pixels numbering the m rows); `shifted` rows hold int8 values
+        + 128, and 128 * sum(w) comes off their result."""
         out, depth = w.shape
+        m = int(np.prod(pixels))
         wide = -(-depth // vnni.DEPTH) * vnni.DEPTH
         if wide != depth:  # the instruction sums 4 bytes: zeros pad the depth
             rows = relax.op.nn.pad(rows, [0, 0, 0, wide - depth], pad_value=0.0)
             w = np.concatenate([w, np.zeros((out, wide - depth), "int8")], axis=1)
         packed, cols = vnni.pack_weights(w)
-        key = (m, cols, wide)
+        key = (pixels, cols, wide)
         if key not in kernels:
-            kernels[key] = builder.add_func(vnni.matmul_kernel(m, cols, wide),
+            kernels[key] = builder.add_func(vnni.matmul_kernel(m, wide, cols, pixels),
                                             f"vnni_matmul_{m}x{cols}x{wide}")
         y = relax.call_tir(kernels[key], [rows, relax.const(packed)],
-                           relax.TensorType((m, cols), "int32"))
+                           relax.TensorType((*pixels, cols), "int32"))
         if shifted:
             correction = np.zeros(cols, dtype="int32")
             correction[:out] = 128 * w.astype("int32").sum(axis=1)
             y = relax.op.subtract(y, relax.const(correction))
-        return relax.op.strided_slice(y, axes=[1], begin=[0], end=[out]) if cols != out else y
+        if cols == out:
+            return y
+        return relax.op.strided_slice(y, axes=[len(pixels)], begin=[0], end=[out])
 
     def unsigned(x: Any, shifted: bool) -> Any:
         """The layer's integer-valued float input as uint8 (shifted by 128 when int8)."""
@@ -202,7 +205,7 @@ def lower_int8(mod: "tvm.IRModule",
         if use_vnni and len(shape) == 2 and all(hasattr(d, "value") for d in shape):
             report.vnni += 1
             shifted = input_dtype(matches) == "int8"
-            out = vnni_matmul(unsigned(matches[data], shifted), int(shape[0].value),
+            out = vnni_matmul(unsigned(matches[data], shifted), (int(shape[0].value),),
                               np.ascontiguousarray(w.T), shifted)
         else:
             out = relax.op.matmul(x, relax.const(np.ascontiguousarray(w)), out_dtype="int32")

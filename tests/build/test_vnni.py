@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hostkit.build.cpu_schedule import compile_untuned
 from hostkit.build.int8 import lower_int8
 from hostkit.build.vnni import has_vnni
 
@@ -81,7 +82,7 @@ def test_convolutions_compile_to_vpdpbusd_and_match(activations: str, channels: 
                              target)
     assert (report.int8, report.vnni, report.fp32) == (1, 1, [])
 
-    executable = tvm.compile(mod, target)
+    executable = compile_untuned(mod, target, exact=True)  # type: ignore[arg-type]
     lib = executable.mod.imports[0] if executable.mod.imports else executable.mod
     asm = lib.inspect_source("asm")
     assert "vpdpbusd" in asm, "the int8 convolution did not use AVX-512 VNNI"
@@ -122,7 +123,7 @@ def test_linear_layers_compile_to_vpdpbusd_and_match(activations: str) -> None:
         bb.emit_func_output(out)
     mod, report = lower_int8(bb.get(), target)  # type: ignore[arg-type]
     assert (report.int8, report.vnni, report.fp32) == (1, 1, [])
-    executable = tvm.compile(mod, target)
+    executable = compile_untuned(mod, target, exact=True)  # type: ignore[arg-type]
 
     data = rng.normal(0, 3, size=(2, 96)).astype("float32")
     q_np = np.clip(np.round(data / np.float32(scale)) + (zp or 0.0), low, high).astype("int64")

@@ -203,7 +203,22 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
             rt.FuseTIR(),
             rt.AttachAttrLayoutFreeBuffers(),
             relax.transform.DeadCodeElimination(),
-        ])(_clip_as_min_max(folded)), _layout_free_weights_only)
+        ])(_clip_as_min_max(folded)), lambda func: _vnni_scheduled(
+            _layout_free_weights_only(func), target))
+
+
+def _vnni_scheduled(func: "tvm.tirx.PrimFunc",
+                    target: "tvm.target.Target") -> "tvm.tirx.PrimFunc":
+    """An int8 VNNI matmul and its fused requantization, scheduled by hand and marked so:
+    tuning leaves it as it is (MetaSchedule's generic rules would not use `vpdpbusd`)."""
+    from hostkit.build import vnni
+    from hostkit.build.cpu_schedule import _vector_bits
+
+    sch = vnni.schedule(func, _vector_bits(target))
+    if sch is None:
+        return func
+    scheduled: "tvm.tirx.PrimFunc" = sch.mod["main"]
+    return scheduled.with_attr("tirx.is_scheduled", True).without_attr("layout_free_buffers")
 
 
 def _map_kernels(mod: "tvm.IRModule", rewrite: Any) -> "tvm.IRModule":
