@@ -44,6 +44,9 @@ log = logging.getLogger("edgekit")
 # Rows of an output axis accumulated beside each vector, in order of preference: four keep an
 # FMA unit busy; 7 and 2 fit the 14x14 and 7x7 maps whose rows four does not divide.
 UNROLL = (4, 7, 2, 3)
+# An elementwise kernel's parallel loop keeps at least this many iterations (the cores take
+# them in chunks) and leaves the loops inside it plain.
+PARALLEL_ITERATIONS = 64
 
 
 def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
@@ -201,7 +204,14 @@ def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
                 if any(sch.get(info.block_rv).same_as(stmt) for stmt in stmts)]
 
     def reduction(infos: list[Any]) -> bool:
-        return any(not info.is_injective() for info in infos)
+        """A reduction, or a gather (edgekit's im2col) that would recompute what is inlined
+        into it once for every window an input value falls in."""
+        return any(not info.is_injective() or gather(info) for info in infos)
+
+    def gather(info: Any) -> bool:
+        from hostkit.build.vnni import IM2COL
+
+        return str(sch.get(info.block_rv).name_hint) == IM2COL
 
     def fma(producers: list[Any], consumers: list[Any]) -> bool:
         return exact and any(_fma_risk(sch.get(p.block_rv), sch.get(c.block_rv))
@@ -211,7 +221,7 @@ def _inline(sch: Any, blocks: list[Any], exact: bool = False) -> list[Any]:
     while changed:
         changed = False
         for index, info in enumerate(blocks):
-            if not info.is_injective():
+            if not info.is_injective() or gather(info):
                 continue
             try:
                 consumers = pick(sch.get_consumers(info.block_rv))
@@ -251,6 +261,13 @@ def _fma_risk(producer: Any, consumer: Any) -> bool:
 
     tvm_ffi.structural_walk(consumer.body, [(tirx.Add, visit), (tirx.Sub, visit)], order="post")
     return found
+
+
+def _iterations(sch: Any, loops: list[Any]) -> int:
+    total = 1
+    for loop in loops:
+        total *= _extent(sch, loop) or 1
+    return total
 
 
 def _weights_dominate(sch: Any, spatial: list[Any], reduce: list[Any]) -> bool:
@@ -311,6 +328,12 @@ def _schedule_block(sch: Any, info: Any, vector_bits: int, rest: list[Any]) -> b
         # is read once for every pixel from cache, not once per pixel row from memory
     inner = [loop for loop in (unrolled, lanes_block, vector) if loop is not None]
     sch.reorder(*spatial, *reduce, *inner)
+    serial: list[Any] = []
+    if not reduce:  # an elementwise block: the cores share its outer loops, enough iterations
+        # for every core, and each iteration runs the inner ones as plain loops (a fused loop
+        # recomputes every index from one counter: a division per vector of a small row)
+        while len(spatial) > 1 and _iterations(sch, spatial[:-1]) >= PARALLEL_ITERATIONS:
+            serial.insert(0, spatial.pop())
     outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     sch.parallel(outer)
     for loop in (unrolled, lanes_block):

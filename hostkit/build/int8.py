@@ -102,12 +102,13 @@ def lower_int8(mod: "tvm.IRModule",
 
         mod = nhwc_convolutions(mod, target)
     builder = relax.BlockBuilder(mod)  # gives the kernels typed global vars to call
-    kernels: dict[tuple[tuple[int, ...], int, int], Any] = {}
+    kernels: dict[tuple[Any, ...], Any] = {}
 
     def vnni_conv(expr: Any, matches: Any, w: np.ndarray) -> Any:
-        """A convolution as patches x (kernel window . input channels) . w on the VNNI kernel,
-        or None: a 1x1 one reads its pixels as they are, any other gathers each output pixel's
-        window into one row first (im2col, in the order the weights are flattened)."""
+        """A convolution as windows . w on the VNNI kernel, or None: a 1x1 one reads its pixels
+        as they are, any other gathers each output pixel's window first (im2col, in the order
+        the weights are flattened). Channels are padded to a multiple of 4 (the instruction
+        sums 4 bytes), with weights of 0."""
         attrs = expr.attrs
         source = operand(matches)
         shape = source.ty.shape
@@ -126,43 +127,46 @@ def lower_int8(mod: "tvm.IRModule",
         top, left, bottom, right = (int(v) for v in attrs.padding)
         oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
         ow = (wd + left + right - dw * (kw - 1) - 1) // sw + 1
-        depth = kh * kw * c
-        flat = w.transpose(0, 2, 3, 1).reshape(out, depth)  # (kh, kw, c) order, as gathered
+        wide = -(-c // vnni.DEPTH) * vnni.DEPTH
+        w = np.pad(w, [(0, 0), (0, wide - c), (0, 0), (0, 0)])
+        flat = w.transpose(0, 2, 3, 1).reshape(out, kh * kw * wide)  # (kh, kw, c), as gathered
         shifted = input_dtype(matches) == "int8"  # vpdpbusd wants unsigned data: x + 128
         x = source
         if shifted:
             x = relax.op.add(x, relax.const(128.0, "float32"))
         if not nhwc:
             x = relax.op.permute_dims(x, [0, 2, 3, 1])
-        if top or left or bottom or right:  # the convolution's own padding, of integer 0
-            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0],
+        if top or left or bottom or right or wide != c:  # the convolution's own padding, of
+            # integer 0, and the channels' (their weights are 0)
+            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, wide - c],
                                 pad_value=128.0 if shifted else 0.0)
         x = relax.op.astype(x, "uint8")
-        if (kh, kw, sh, sw) != (1, 1, 1, 1):  # each window position's pixels, side by side
-            windows = [relax.op.strided_slice(
-                x, axes=[1, 2], begin=[i * dh, j * dw],
-                end=[i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1], strides=[sh, sw])
-                for i in range(kh) for j in range(kw)]
-            x = relax.op.concat(windows, axis=3) if len(windows) > 1 else windows[0]
-        y = vnni_matmul(relax.op.reshape(x, (n * oh * ow, depth)), (n, oh, ow), flat, shifted)
+        if (kh, kw, sh, sw) == (1, 1, 1, 1):
+            windows = relax.op.reshape(x, (n, oh, ow, 1, wide))
+        else:
+            padded = (n, h + top + bottom, wd + left + right, wide)
+            key = ("im2col", padded, kh, kw, sh, sw, dh, dw)
+            if key not in kernels:
+                kernels[key] = builder.add_func(vnni.im2col_kernel(
+                    padded, (kh, kw), (sh, sw), (dh, dw), (oh, ow)), f"im2col_{kh}x{kw}_{wide}")
+            windows = relax.call_tir(kernels[key], [x],
+                                     relax.TensorType((n, oh, ow, kh, kw * wide), "uint8"))
+        y = vnni_matmul(windows, (n, oh, ow), flat, shifted, taps=1 if kh * kw == 1 else kh)
         return y if nhwc else relax.op.permute_dims(y, [0, 3, 1, 2])
 
-    def vnni_matmul(rows: Any, pixels: tuple[int, ...], w: np.ndarray, shifted: bool) -> Any:
-        """rows (uint8, [m, depth]) . w.T (w: int8, [out, depth]) in int32 on the VNNI kernel,
-        shaped (*pixels, out) (pixels numbering the m rows); `shifted` rows hold int8 values
+    def vnni_matmul(windows: Any, pixels: tuple[int, ...], w: np.ndarray, shifted: bool,
+                    taps: int = 1) -> Any:
+        """windows (uint8, [*pixels, taps, depth]) . w.T (w: int8, [out, taps * depth]) in
+        int32 on the VNNI kernel, shaped (*pixels, out); `shifted` windows hold int8 values
         + 128, and 128 * sum(w) comes off their result."""
-        out, depth = w.shape
-        m = int(np.prod(pixels))
-        wide = -(-depth // vnni.DEPTH) * vnni.DEPTH
-        if wide != depth:  # the instruction sums 4 bytes: zeros pad the depth
-            rows = relax.op.nn.pad(rows, [0, 0, 0, wide - depth], pad_value=0.0)
-            w = np.concatenate([w, np.zeros((out, wide - depth), "int8")], axis=1)
+        out, depth = w.shape[0], w.shape[1] // taps
         packed, cols = vnni.pack_weights(w)
-        key = (pixels, cols, wide)
+        key = ("vnni", pixels, taps, depth, cols)
         if key not in kernels:
-            kernels[key] = builder.add_func(vnni.matmul_kernel(m, wide, cols, pixels),
-                                            f"vnni_matmul_{m}x{cols}x{wide}")
-        y = relax.call_tir(kernels[key], [rows, relax.const(packed)],
+            kernels[key] = builder.add_func(vnni.matmul_kernel(pixels, taps, depth, cols),
+                                            f"vnni_matmul_{'x'.join(map(str, pixels))}_"
+                                            f"{cols}x{taps * depth}")
+        y = relax.call_tir(kernels[key], [windows, relax.const(packed)],
                            relax.TensorType((*pixels, cols), "int32"))
         if shifted:
             correction = np.zeros(cols, dtype="int32")
@@ -205,8 +209,14 @@ def lower_int8(mod: "tvm.IRModule",
         if use_vnni and len(shape) == 2 and all(hasattr(d, "value") for d in shape):
             report.vnni += 1
             shifted = input_dtype(matches) == "int8"
-            out = vnni_matmul(unsigned(matches[data], shifted), (int(shape[0].value),),
-                              np.ascontiguousarray(w.T), shifted)
+            m, c = (int(d.value) for d in shape)
+            wide = -(-c // vnni.DEPTH) * vnni.DEPTH
+            rows = unsigned(matches[data], shifted)
+            if wide != c:  # the instruction sums 4 bytes: weights of 0 for the padding
+                rows = relax.op.nn.pad(rows, [0, 0, 0, wide - c], pad_value=0.0)
+            out = vnni_matmul(relax.op.reshape(rows, (m, 1, wide)), (m,),
+                              np.pad(np.ascontiguousarray(w.T), [(0, 0), (0, wide - c)]),
+                              shifted)
         else:
             out = relax.op.matmul(x, relax.const(np.ascontiguousarray(w)), out_dtype="int32")
         return relax.op.astype(out, "float32")

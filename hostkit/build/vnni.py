@@ -32,10 +32,12 @@ import numpy as np
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["INTRIN", "BLOCK", "has_vnni", "pack_weights", "matmul_kernel", "schedule"]
+__all__ = ["INTRIN", "BLOCK", "IM2COL", "has_vnni", "pack_weights", "matmul_kernel",
+           "im2col_kernel", "schedule"]
 
 INTRIN = "edgekit_dot_16x4_u8i8i32_vnni"
 BLOCK = "edgekit_vnni"  # the matmul block `schedule` recognises
+IM2COL = "edgekit_im2col"  # the window gather, never a target of inlining
 LANES, DEPTH = 16, 4  # int32 lanes per instruction, bytes summed into each lane
 _registered = False
 
@@ -110,31 +112,55 @@ def _register() -> None:
     _registered = True
 
 
-def matmul_kernel(rows: int, depth: int, cols: int, pixels: tuple[int, ...]) -> Any:
-    """out[*pixels, cols] = x[rows, depth] (uint8) . w (int8, packed by `pack_weights`), where
-    `pixels` (n, oh, ow) or (rows,) number the rows; left unscheduled and marked fusable
-    (`op_pattern` 4, an output elementwise-fusable reduction), so the requantization after it
-    joins its kernel and `schedule` schedules the two together."""
-    from tvm import te, tirx
+def _i64(*values: int) -> tuple[Any, ...]:
+    """Shapes as Relax's kernels type them (int64): FuseTIR refuses a buffer typed otherwise."""
+    from tvm import tirx
 
-    def i64(*values: int) -> tuple[Any, ...]:  # Relax's kernels type their shapes int64
-        return tuple(tirx.IntImm("int64", v) for v in values)
+    return tuple(tirx.IntImm("int64", v) for v in values)
 
-    x = te.placeholder(i64(rows, depth), "uint8", name="x")
-    w = te.placeholder(i64(cols // LANES, depth // DEPTH, LANES, DEPTH), "int8", name="w")
-    k = te.reduce_axis(i64(0, depth), name="k")
+
+def matmul_kernel(pixels: tuple[int, ...], taps: int, depth: int, cols: int) -> Any:
+    """out[*pixels, cols] = sum over (tap, d) of x[*pixels, tap, d] (uint8) . w (int8, packed
+    by `pack_weights` over the flattened taps x depth), `depth` a multiple of 4. A 1x1
+    convolution reads its pixels as they are (one tap); a larger one reads `im2col_kernel`'s
+    windows. Left unscheduled and marked fusable (`op_pattern` 4, an output elementwise-fusable
+    reduction), so the requantization after it joins its kernel and `schedule` schedules the two
+    together."""
+    from tvm import te
+
+    x = te.placeholder(_i64(*pixels, taps, depth), "uint8", name="x")
+    w = te.placeholder(_i64(cols // LANES, taps * depth // DEPTH, LANES, DEPTH), "int8", name="w")
+    t = te.reduce_axis(_i64(0, taps), name="t")
+    d = te.reduce_axis(_i64(0, depth), name="d")
 
     def value(*index: Any) -> Any:
         *pixel, n = index
-        row = pixel[0]
-        for i, extent in zip(pixel[1:], pixels[1:]):
-            row = row * extent + i
-        return te.sum(x[row, k].astype("int32")
-                      * w[n // LANES, k // DEPTH, n % LANES, k % DEPTH].astype("int32"), axis=k)
+        group = t * (depth // DEPTH) + d // DEPTH
+        return te.sum(x[(*pixel, t, d)].astype("int32")
+                      * w[n // LANES, group, n % LANES, d % DEPTH].astype("int32"), axis=[t, d])
 
-    out = te.compute(i64(*pixels, cols), value, name=BLOCK)
+    out = te.compute(_i64(*pixels, cols), value, name=BLOCK)
     # no global symbol of its own ("main"): the module it joins names it
     return te.create_prim_func([x, w, out]).with_attr("op_pattern", 4).without_attr(
+        "global_symbol")
+
+
+def im2col_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
+                  strides: tuple[int, int], dilation: tuple[int, int],
+                  out: tuple[int, int]) -> Any:
+    """Each output pixel's window of a padded NHWC uint8 input, as [n, oh, ow, kh, kw * c]:
+    a window row's pixels lie side by side in NHWC, so each is one contiguous copy. Marked
+    injective, so the quantize before it joins its kernel; `cpu_schedule` keeps that quantize
+    out of this block (computed once per input value, not once per window it falls in)."""
+    from tvm import te
+
+    n, _, _, c = shape
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dilation, out
+    x = te.placeholder(_i64(*shape), "uint8", name="x")
+    windows = te.compute(
+        _i64(n, oh, ow, kh, kw * c),
+        lambda b, i, j, r, q: x[b, i * sh + r * dh, j * sw + q // c * dw, q % c], name=IM2COL)
+    return te.create_prim_func([x, windows]).with_attr("op_pattern", 2).without_attr(
         "global_symbol")
 
 
@@ -158,19 +184,26 @@ def schedule(func: Any, vector_bits: int) -> Any:
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    rest = [info for info in _inline(sch, infos, exact=True)
-            if not sch.get(info.block_rv).same_as(sch.get(block))]
-    *pixels, n, d = sch.get_loops(block)  # a single row (a linear layer's) has no pixel loop
+    mine = next(info for info in infos if sch.get(info.block_rv).same_as(sch.get(block)))
+    rest = [info for info in _inline(sch, infos, exact=True) if info is not mine]
+    # Normalizing dropped the loops of extent 1 (a batch of 1, a 1x1 convolution's one tap, a
+    # linear layer's one row): the loops left are the pixels', the channels', then the taps'
+    # (when more than one) and the depth's.
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "R"]
+    *pixels, n = spatial
+    *taps, d = reduce
     tile = []
     if pixels:
         extent = int(sch.get(pixels[-1]).extent.value)
         # a pixel tile that divides the row: a predicate on the block would defeat tensorize
-        pixels[-1], pi = sch.split(pixels[-1], [None, max(t for t in range(1, 9)
-                                                          if extent % t == 0)])
+        pixels[-1], pi = sch.split(pixels[-1], [None, max(f for f in range(1, 9)
+                                                          if extent % f == 0)])
         tile = [pi]
     no, ni = sch.split(n, [None, LANES])
     do, di = sch.split(d, [None, DEPTH])
-    sch.reorder(*pixels, no, do, *tile, ni, di)
+    sch.reorder(*pixels, no, *taps, do, *tile, ni, di)
     outer = sch.fuse(*pixels, no) if pixels else no
     sch.parallel(outer)
     consumers = sch.get_consumers(block)
@@ -181,7 +214,7 @@ def schedule(func: Any, vector_bits: int) -> Any:
             sch.reverse_compute_at(consumers[0], outer)
             sch.vectorize(sch.get_loops(consumers[0])[-1])
             rest.remove(epilogue)
-    init = sch.decompose_reduction(block, do)
+    init = sch.decompose_reduction(block, taps[0] if taps else do)
     sch.tensorize(ni, INTRIN)
     sch.vectorize(sch.get_loops(init)[-1])
     for loop in tile:
