@@ -155,3 +155,22 @@ def test_relu6_between_convolutions_needs_no_transposes() -> None:
     got = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())["main"](
         tvm.runtime.tensor(data)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_vectors_only_where_the_cpu_has_avx512_and_the_target_does_not_say() -> None:
+    """AVX-512 CPUs get LLVM's full 512-bit vectors; others, and targets that choose, stay."""
+    import tvm
+
+    from hostkit.build.cpu_schedule import wide_vectors
+
+    def mattr(spec: dict[str, object]) -> list[str]:
+        return [str(m) for m in wide_vectors(tvm.target.Target(spec)).attrs.get("mattr", [])]
+
+    assert mattr({"kind": "llvm", "mcpu": "rocketlake"}) == ["-prefer-256-bit"]
+    assert mattr({"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512f"]}) == [
+        "+avx512f", "-prefer-256-bit"]
+    assert mattr({"kind": "llvm", "mcpu": "rocketlake", "mattr": ["+prefer-256-bit"]}) == [
+        "+prefer-256-bit"]
+    assert mattr({"kind": "llvm"}) == []  # generic x86-64: no AVX-512
+    assert mattr({"kind": "llvm", "mcpu": "haswell"}) == []
+    assert mattr({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) == ["+neon"]
