@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["Int8Lowering", "lower_int8", "int8_kernels"]
+__all__ = ["Int8Lowering", "lower_int8"]
 
 QMAX = 127
 NCHW, NHWC = ("NCHW", "OIHW", "NCHW"), ("NHWC", "HWIO", "NHWC")  # data, kernel, output layouts
@@ -245,20 +245,3 @@ def _float_layers(mod: "tvm.IRModule") -> list[str]:
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return left
-
-
-def int8_kernels(mod: "tvm.IRModule") -> dict[str, list[str]]:
-    """For each TIR kernel that holds a convolution or matmul, the dtypes of its buffers' loads
-    in the reduction (what a test checks: int8 inputs, int32 accumulation)."""
-    from tvm import tirx
-
-    found: dict[str, list[str]] = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        name = gv.name_hint
-        if "conv" not in name and "matmul" not in name:
-            continue
-        dtypes = sorted({str(buf.dtype) for buf in func.buffer_map.values()})
-        found[name] = dtypes
-    return found

@@ -3,9 +3,9 @@
 Relax legalizes a convolution into loops that neither the untuned build nor MetaSchedule's VNNI
 rule turns into `vpdpbusd` (the rule finds nothing it can tensorize in an NCHW or NHWC
 convolution). Here a convolution becomes a matmul: rows are output pixels, each the input's
-window under the kernel (a 1x1 convolution's pixel as it is; any other's window gathered into
-one row, im2col, by `hostkit.build.int8`), against the weights packed the way the instruction
-reads them (16 output channels x 4 input channels per 64 bytes). The kernel is written
+window under the kernel (a 1x1 convolution's pixel as it is; any other's window gathered by
+`im2col_kernel`, one contiguous copy per window row), against the weights packed the way the
+instruction reads them (16 output channels x 4 input channels per 64 bytes). The kernel is written
 unscheduled and marked fusable, so Relax fuses the requantization after it (offset, bias,
 scale, ReLU, the next layer's quantize) into the same kernel; `schedule` then tensorizes it with
 a 16x4 dot-product intrinsic and computes the epilogue on each block of output while it is in
