@@ -187,7 +187,8 @@ def build_artifact(model: LoadedModel, target: ResolvedTarget, *, fmt: str = "so
     try:
         with cuda.kernels_from_source() if is_cuda else contextlib.nullcontext():
             if records_id is not None:
-                executable, coverage = tuning.compile(mod, target.target)
+                executable, coverage = tuning.compile(mod, target.target,
+                                                      exact=model.precision == "int8")
                 tuned = coverage.tuned > 0
             else:
                 from hostkit.build.cpu_schedule import compile_untuned

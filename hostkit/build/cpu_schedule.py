@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["compile_untuned", "nhwc_convolutions", "default_schedule", "build_pipeline",
-           "wide_vectors"]
+           "wide_vectors", "vnni_schedule"]
 
 log = logging.getLogger("edgekit")
 # Rows of an output axis accumulated beside each vector, in order of preference: four keep an
@@ -178,15 +178,73 @@ def default_schedule(exact: bool = False) -> Any:
         def apply(self, func: Any, target: "tvm.target.Target", _tunable: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
-            from hostkit.build import vnni
-
             try:
-                return (vnni.schedule(func, _vector_bits(target))
+                return (vnni_schedule(func, _vector_bits(target))
                         or _schedule(func, _vector_bits(target), exact))
             except Exception:  # scheduling failed part way: the kernel stays as it was
                 return None
 
     return DefaultCPUSchedule()
+
+
+def vnni_schedule(func: Any, vector_bits: int) -> Any:
+    """The schedule of a kernel holding `vnni.matmul_kernel`'s block, or None when it has none:
+    pixels split across cores (a few pixels of a row per weight load), each 16 output channels
+    one `vpdpbusd` per 4 input channels, and the elementwise epilogue computed on each block of
+    output while it is in registers. An epilogue part that must stay apart (a float multiply
+    feeding an add: an FMA would round once where PyTorch rounds twice) runs as its own loop."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    from hostkit.build.vnni import BLOCK, DEPTH, INTRIN, LANES, register_intrinsic
+
+    sch = s_tir.Schedule(func)
+    try:
+        block = sch.get_sblock(BLOCK)
+    except Exception:  # not a VNNI kernel
+        return None
+    register_intrinsic()
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    mine = next(info for info in infos if sch.get(info.block_rv).same_as(sch.get(block)))
+    rest = [info for info in _inline(sch, infos, exact=True) if info is not mine]
+    # Normalizing dropped the loops of extent 1 (a batch of 1, a 1x1 convolution's one tap, a
+    # linear layer's one row): the loops left are the pixels', the channels', then the taps'
+    # (when more than one) and the depth's.
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "R"]
+    *pixels, n = spatial
+    *taps, d = reduce
+    tile = []
+    if pixels:
+        extent = int(sch.get(pixels[-1]).extent.value)
+        # a pixel tile that divides the row: a predicate on the block would defeat tensorize
+        pixels[-1], pi = sch.split(pixels[-1], [None, max(f for f in range(1, 9)
+                                                          if extent % f == 0)])
+        tile = [pi]
+    no, ni = sch.split(n, [None, LANES])
+    do, di = sch.split(d, [None, DEPTH])
+    sch.reorder(*pixels, no, *taps, do, *tile, ni, di)
+    outer = sch.fuse(*pixels, no) if pixels else no
+    sch.parallel(outer)
+    consumers = sch.get_consumers(block)
+    if len(consumers) == 1:
+        stmt = sch.get(consumers[0])
+        epilogue = next((info for info in rest if sch.get(info.block_rv).same_as(stmt)), None)
+        if epilogue is not None and epilogue.is_injective():
+            sch.reverse_compute_at(consumers[0], outer)
+            sch.vectorize(sch.get_loops(consumers[0])[-1])
+            rest.remove(epilogue)
+    init = sch.decompose_reduction(block, taps[0] if taps else do)
+    sch.tensorize(ni, INTRIN)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in tile:
+        sch.unroll(loop)
+    while rest:
+        _schedule_block(sch, rest.pop(0), vector_bits, rest)
+    return sch
 
 
 def _vector_bits(target: "tvm.target.Target") -> int:

@@ -7,10 +7,10 @@ window under the kernel (a 1x1 convolution's pixel as it is; any other's window 
 `im2col_kernel`, one contiguous copy per window row), against the weights packed the way the
 instruction reads them (16 output channels x 4 input channels per 64 bytes). The kernel is written
 unscheduled and marked fusable, so Relax fuses the requantization after it (offset, bias,
-scale, ReLU, the next layer's quantize) into the same kernel; `schedule` then tensorizes it with
-a 16x4 dot-product intrinsic and computes the epilogue on each block of output while it is in
-registers, and marks the kernel scheduled, so tuning leaves it as it is and tunes the rest of
-the model. Measured (untuned, side by side, 2-core machine): ResNet-18 int8 with its 3x3
+scale, ReLU, the next layer's quantize) into the same kernel; `cpu_schedule.vnni_schedule`
+then tensorizes it with a 16x4 dot-product intrinsic and computes the epilogue on each block
+of output while it is in registers, and the kernel is marked scheduled, so tuning leaves it as
+it is and tunes the rest of the model. Measured (untuned, side by side, 2-core machine): ResNet-18 int8 with its 3x3
 convolutions on the default int8 schedule 101 ms, on this kernel 47 ms (fp32 119 ms); the
 epilogue fused and no per-iteration workspace allocation, MobileNetV2 int8 5.98 -> 5.37 ms.
 
@@ -33,10 +33,10 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["INTRIN", "BLOCK", "IM2COL", "has_vnni", "pack_weights", "matmul_kernel",
-           "im2col_kernel", "schedule"]
+           "im2col_kernel", "register_intrinsic"]
 
 INTRIN = "edgekit_dot_16x4_u8i8i32_vnni"
-BLOCK = "edgekit_vnni"  # the matmul block `schedule` recognises
+BLOCK = "edgekit_vnni"  # the matmul block `cpu_schedule.vnni_schedule` recognises
 IM2COL = "edgekit_im2col"  # the window gather, never a target of inlining
 LANES, DEPTH = 16, 4  # int32 lanes per instruction, bytes summed into each lane
 _registered = False
@@ -65,7 +65,7 @@ def pack_weights(w: np.ndarray) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(packed), padded
 
 
-def _register() -> None:
+def register_intrinsic() -> None:
     """Register the intrinsic: what one `vpdpbusd` computes (desc) and the call that does it.
 
     TVM's own description is not imported: `tvm.s_tir.tensor_intrin` parses every target's
@@ -124,7 +124,7 @@ def matmul_kernel(pixels: tuple[int, ...], taps: int, depth: int, cols: int) -> 
     by `pack_weights` over the flattened taps x depth), `depth` a multiple of 4. A 1x1
     convolution reads its pixels as they are (one tap); a larger one reads `im2col_kernel`'s
     windows. Left unscheduled and marked fusable (`op_pattern` 4, an output elementwise-fusable
-    reduction), so the requantization after it joins its kernel and `schedule` schedules the two
+    reduction), so the requantization after it joins its kernel and `hostkit.build.cpu_schedule.vnni_schedule` schedules the two
     together."""
     from tvm import te
 
@@ -162,63 +162,3 @@ def im2col_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
         lambda b, i, j, r, q: x[b, i * sh + r * dh, j * sw + q // c * dw, q % c], name=IM2COL)
     return te.create_prim_func([x, windows]).with_attr("op_pattern", 2).without_attr(
         "global_symbol")
-
-
-def schedule(func: Any, vector_bits: int) -> Any:
-    """The schedule of a kernel holding `matmul_kernel`'s block, or None when it holds none:
-    pixels split across cores (a few pixels of a row per weight load), each 16 output channels
-    one `vpdpbusd` per 4 input channels, and the elementwise epilogue computed on each block of
-    output while it is in registers. An epilogue part that must stay apart (a float multiply
-    feeding an add: an FMA would round once where PyTorch rounds twice) runs as its own loop."""
-    from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-
-    from hostkit.build.cpu_schedule import _inline, _schedule_block
-
-    sch = s_tir.Schedule(func)
-    try:
-        block = sch.get_sblock(BLOCK)
-    except Exception:  # not a VNNI kernel
-        return None
-    _register()
-    infos = normalize_prim_func(sch)
-    if infos is None:
-        return None
-    mine = next(info for info in infos if sch.get(info.block_rv).same_as(sch.get(block)))
-    rest = [info for info in _inline(sch, infos, exact=True) if info is not mine]
-    # Normalizing dropped the loops of extent 1 (a batch of 1, a 1x1 convolution's one tap, a
-    # linear layer's one row): the loops left are the pixels', the channels', then the taps'
-    # (when more than one) and the depth's.
-    loops = sch.get_loops(block)
-    spatial = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "S"]
-    reduce = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "R"]
-    *pixels, n = spatial
-    *taps, d = reduce
-    tile = []
-    if pixels:
-        extent = int(sch.get(pixels[-1]).extent.value)
-        # a pixel tile that divides the row: a predicate on the block would defeat tensorize
-        pixels[-1], pi = sch.split(pixels[-1], [None, max(f for f in range(1, 9)
-                                                          if extent % f == 0)])
-        tile = [pi]
-    no, ni = sch.split(n, [None, LANES])
-    do, di = sch.split(d, [None, DEPTH])
-    sch.reorder(*pixels, no, *taps, do, *tile, ni, di)
-    outer = sch.fuse(*pixels, no) if pixels else no
-    sch.parallel(outer)
-    consumers = sch.get_consumers(block)
-    if len(consumers) == 1:
-        stmt = sch.get(consumers[0])
-        epilogue = next((info for info in rest if sch.get(info.block_rv).same_as(stmt)), None)
-        if epilogue is not None and epilogue.is_injective():
-            sch.reverse_compute_at(consumers[0], outer)
-            sch.vectorize(sch.get_loops(consumers[0])[-1])
-            rest.remove(epilogue)
-    init = sch.decompose_reduction(block, taps[0] if taps else do)
-    sch.tensorize(ni, INTRIN)
-    sch.vectorize(sch.get_loops(init)[-1])
-    for loop in tile:
-        sch.unroll(loop)
-    while rest:
-        _schedule_block(sch, rest.pop(0), vector_bits, rest)
-    return sch

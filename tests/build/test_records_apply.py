@@ -56,3 +56,33 @@ def test_a_sliced_per_channel_constant_keeps_its_layout() -> None:
     expected = (x - offsets)[:, :24].astype(np.float32)
     np.testing.assert_array_equal(run(kernel), expected)
     np.testing.assert_array_equal(run(sch.mod), expected)
+
+
+def test_kernels_no_record_covers_get_the_default_schedule(tmp_path: Any) -> None:
+    """A tune stopped by its time budget leaves kernels without records; the build schedules
+    them as an untuned build would (threads, vectors), never leaves them as one scalar loop."""
+    import tvm
+    from tvm import tirx
+
+    from hostkit.build.compiler import import_relax
+    from hostkit.build.tuning.records import apply_records, prepare_module, schedule_uncovered
+    from hostkit.models import ModelSpec, load_model
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    model = load_model(ModelSpec("tinycnn", input_shape=(1, 3, 16, 16)))
+    with target:
+        prepared = prepare_module(import_relax(model), target)
+        applied, coverage = apply_records(prepared, tmp_path)  # an empty database: no records
+        before = [f.script() for f in applied.functions.values() if isinstance(f, tirx.PrimFunc)]
+        done = schedule_uncovered(applied, target)
+    assert coverage.tuned == 0 and coverage.total > 0
+    assert not any("T.parallel" in text for text in before), "the records applied nothing here"
+
+    def parallel(func: Any) -> bool:
+        return "T.parallel" in func.script()
+
+    kernels = {gv.name_hint: f for gv, f in done.functions.items() if isinstance(f, tirx.PrimFunc)}
+    assert len(kernels) == coverage.total
+    assert all(f.attrs.get("tirx.is_scheduled", False) for f in kernels.values()), kernels.keys()
+    assert all(parallel(f) for f in kernels.values()), [n for n, f in kernels.items()
+                                                        if not parallel(f)]

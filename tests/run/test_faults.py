@@ -347,8 +347,11 @@ def test_fleet_of_eight_behind_a_tracker(daemon: Daemon, fleet: Any, tmp_path: P
 
     Real boards bring their own CPUs and links; eight daemons on this machine's two shared cores
     would share one CPU, which measures the cores, not edgekit. So each board gets its own
-    256 kbit/s link (tbf), and each phase ships an artifact the boards lack: a board's time is then
-    mostly its own link, as on a real fleet, and the host's share is what is being judged.
+    128 kbit/s link (tbf), and each phase ships an artifact the boards lack: a board's time is then
+    mostly its own link (about 8 s for the library), as on a real fleet, and the host's share is
+    what is being judged. (At 256 kbit/s, 4.6 s alone, the eight sessions' start-up on two cores,
+    each a process importing TVM, took 7.7 s together once: the cores, not edgekit.) The boards
+    are identical, so two of them are timed alone.
     """
     boards = fleet("f", 2, 8)
     tracker_log = open(tmp_path / "tracker.log", "wb")
@@ -358,7 +361,7 @@ def test_fleet_of_eight_behind_a_tracker(daemon: Daemon, fleet: Any, tmp_path: P
     try:
         for i in range(8):
             boards.daemon(i, "--tracker", f"{boards.host_ip}:9190", "--key", f"ek18-{i}")
-            boards.shape(i, "256kbit")
+            boards.shape(i, "128kbit")
         devices = [Device(name=f"board{i}", target={"kind": "llvm"}, transport="tracker",
                           tracker=f"{boards.host_ip}:9190", key=f"ek18-{i}",
                           stall_timeout=STALL) for i in range(8)]
@@ -369,7 +372,7 @@ def test_fleet_of_eight_behind_a_tracker(daemon: Daemon, fleet: Any, tmp_path: P
             (warm,) = run_fleet([_device("direct", daemon.port)], spec, options)
             assert warm.status == "ok", warm.error
         alone = []
-        for device in devices:
+        for device in (devices[0], devices[-1]):
             start = time.monotonic()
             (row,) = run_fleet([device], alone_spec, options)
             alone.append(time.monotonic() - start)

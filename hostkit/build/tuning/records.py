@@ -140,16 +140,35 @@ class TuningRecords:
             raise TuneError(f"{path} does not hold a target TVM accepts: {exc}",
                             stage="records") from exc
 
-    def compile(self, mod: "tvm.IRModule",
-                target: "tvm.target.Target") -> tuple[Any, "Coverage"]:
-        """Compile with the records applied; returns (executable, which kernels they covered)."""
+    def compile(self, mod: "tvm.IRModule", target: "tvm.target.Target",
+                exact: bool = False) -> tuple[Any, "Coverage"]:
+        """Compile with the records applied; returns (executable, which kernels they covered).
+
+        The kernels no record covers (a tune stopped by its time budget, a task that found no
+        valid candidate) get the untuned builds' default schedule, so a partly tuned model is
+        never slower than an untuned one for want of threads and vectors; `exact` as there."""
         import tvm
 
         tuned_target = self.tuned_target(target)
         with tuned_target:
             prepared = prepare_module(mod, tuned_target, self.preparation)
             applied, coverage = apply_records(prepared, self.work_dir)
+            applied = schedule_uncovered(applied, tuned_target, exact)
         return tvm.compile(applied, tuned_target), coverage
+
+
+def schedule_uncovered(mod: "tvm.IRModule", target: "tvm.target.Target",
+                       exact: bool = False) -> "tvm.IRModule":
+    """`mod` with every kernel no record scheduled given the untuned builds' default schedule
+    (an LLVM target's; any other's as it is). Call it inside `with target`."""
+    if str(target.kind.name) != "llvm":
+        return mod
+    from tvm.s_tir import dlight
+
+    from hostkit.build.cpu_schedule import default_schedule
+
+    scheduled: "tvm.IRModule" = dlight.ApplyDefaultSchedule(default_schedule(exact))(mod)
+    return scheduled
 
 
 @dataclass(frozen=True)
@@ -211,10 +230,9 @@ def _vnni_scheduled(func: "tvm.tirx.PrimFunc",
                     target: "tvm.target.Target") -> "tvm.tirx.PrimFunc":
     """An int8 VNNI matmul and its fused requantization, scheduled by hand and marked so:
     tuning leaves it as it is (MetaSchedule's generic rules would not use `vpdpbusd`)."""
-    from hostkit.build import vnni
-    from hostkit.build.cpu_schedule import _vector_bits
+    from hostkit.build.cpu_schedule import _vector_bits, vnni_schedule
 
-    sch = vnni.schedule(func, _vector_bits(target))
+    sch = vnni_schedule(func, _vector_bits(target))
     if sch is None:
         return func
     scheduled: "tvm.tirx.PrimFunc" = sch.mod["main"]
