@@ -206,3 +206,28 @@ def test_a_tune_takes_shared_tasks_from_other_models(tuned_tiny: dict[str, Any],
     meta = json.loads((Path(summary["records_dir"]) / "meta.json").read_text())
     assert meta["borrowed_records"] == summary["borrowed_records"] >= 1
     assert meta["model"] == "sibling.pt2" and meta["trials"] == summary["trials"]
+
+
+def test_a_borrowed_record_must_replay_on_the_task() -> None:
+    """Anchor-block matching pairs kernels whose blocks are named apart (fp32 and int8
+    MobileNetV2's average pools); a seed whose trace names a block the task lacks stopped the
+    whole tune, so such records are not borrowed."""
+    import tvm
+    from tvm import s_tir, te
+
+    from hostkit.build.tuning.share import _replays
+
+    def pooled(name: str) -> Any:
+        x = te.placeholder((1, 7, 7, 64), "float32", name="x")
+        k1, k2 = te.reduce_axis((0, 7)), te.reduce_axis((0, 7))
+        red = te.compute((1, 64), lambda b, c: te.sum(x[b, k1, k2, c], axis=[k1, k2]), name=name)
+        out = te.compute((1, 64), lambda b, c: red[b, c] / 49.0, name=f"{name}_mean")
+        return tvm.IRModule({"main": te.create_prim_func([x, out])})
+
+    mine, theirs = pooled("a_red"), pooled("b_red")
+    sch = s_tir.Schedule(theirs)
+    block = sch.get_sblock("b_red")
+    sch.parallel(sch.get_loops(block)[1])
+    trace = sch.trace
+    assert _replays(trace, theirs)
+    assert not _replays(trace, mine)

@@ -88,7 +88,13 @@ def borrow_records(records: TuningRecords, tasks: list[Any],
                 database = others[other.work_dir] = open_database(other.work_dir)
             if not database.has_workload(mod):
                 continue
-            top = database.get_top_k(database.commit_workload(mod), BORROW_TOP_K)
+            # Anchor-block matching pairs kernels whose other blocks differ (fp32 MobileNetV2's
+            # average pool and the int8 one's, named apart); MetaSchedule replays a seed's trace
+            # as it is and stopped the whole tune on one it could not ("parallel_for_dynamic
+            # error"), so only records that replay on this task are taken.
+            top = [record for record in database.get_top_k(database.commit_workload(mod),
+                                                           BORROW_TOP_K)
+                   if _replays(record.trace, mod)]
             if not top:
                 continue
             workload = mine.commit_workload(mod)
@@ -103,3 +109,13 @@ def borrow_records(records: TuningRecords, tasks: list[Any],
             break
     return borrowed
 
+
+def _replays(trace: Any, mod: "tvm.IRModule") -> bool:
+    """Whether a record's schedule applies to `mod` as MetaSchedule seeds from it."""
+    from tvm import s_tir
+
+    try:
+        trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=True)
+    except Exception:  # a block or loop the trace names is not there
+        return False
+    return True
