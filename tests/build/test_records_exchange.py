@@ -208,26 +208,55 @@ def test_a_tune_takes_shared_tasks_from_other_models(tuned_tiny: dict[str, Any],
     assert meta["model"] == "sibling.pt2" and meta["trials"] == summary["trials"]
 
 
+def _pooled(name: str) -> Any:
+    """A global average pool whose reduction block is called `name`."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((1, 7, 7, 64), "float32", name="x")
+    k1, k2 = te.reduce_axis((0, 7)), te.reduce_axis((0, 7))
+    red = te.compute((1, 64), lambda b, c: te.sum(x[b, k1, k2, c], axis=[k1, k2]), name=name)
+    out = te.compute((1, 64), lambda b, c: red[b, c] / 49.0, name=f"{name}_mean")
+    return tvm.IRModule({"main": te.create_prim_func([x, out])})
+
+
+def _parallel_trace(mod: Any, block: str) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    sch.parallel(sch.get_loops(sch.get_sblock(block))[1])
+    return sch.trace
+
+
 def test_a_borrowed_record_must_replay_on_the_task() -> None:
     """Anchor-block matching pairs kernels whose blocks are named apart (fp32 and int8
     MobileNetV2's average pools); a seed whose trace names a block the task lacks stopped the
     whole tune, so such records are not borrowed."""
-    import tvm
-    from tvm import s_tir, te
-
     from hostkit.build.tuning.share import _replays
 
-    def pooled(name: str) -> Any:
-        x = te.placeholder((1, 7, 7, 64), "float32", name="x")
-        k1, k2 = te.reduce_axis((0, 7)), te.reduce_axis((0, 7))
-        red = te.compute((1, 64), lambda b, c: te.sum(x[b, k1, k2, c], axis=[k1, k2]), name=name)
-        out = te.compute((1, 64), lambda b, c: red[b, c] / 49.0, name=f"{name}_mean")
-        return tvm.IRModule({"main": te.create_prim_func([x, out])})
-
-    mine, theirs = pooled("a_red"), pooled("b_red")
-    sch = s_tir.Schedule(theirs)
-    block = sch.get_sblock("b_red")
-    sch.parallel(sch.get_loops(block)[1])
-    trace = sch.trace
+    mine, theirs = _pooled("a_red"), _pooled("b_red")
+    trace = _parallel_trace(theirs, "b_red")
     assert _replays(trace, theirs)
     assert not _replays(trace, mine)
+
+
+def test_records_that_do_not_replay_are_one_clear_error(tmp_path: Path) -> None:
+    """A database holding such a record (written by the tune that then stopped) fails to load
+    inside MetaSchedule; the user gets the folder and what to do, not a C++ traceback."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from hostkit.build.tuning.records import open_database
+    from hostkit.errors import TuneError
+
+    mine = _pooled("a_red")
+    database = open_database(tmp_path)
+    workload = database.commit_workload(mine)
+    target = tvm.target.Target({"kind": "llvm"})
+    database.commit_tuning_record(ms.database.TuningRecord(
+        _parallel_trace(_pooled("b_red"), "b_red"), workload, [1e-3], target,
+        ms.arg_info.ArgInfo.from_prim_func(mine["main"])))
+    with pytest.raises(TuneError) as error:
+        open_database(tmp_path)
+    assert f"the tuning records in {tmp_path} cannot be read" in str(error.value)
+    assert f"remove {tmp_path} and tune again" in error.value.hint

@@ -312,7 +312,14 @@ def open_database(work_dir: Path | str) -> Any:
     """The records as MetaSchedule's database, matching kernels the way tuning matched them."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=MODULE_EQUALITY)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=MODULE_EQUALITY)
+    except Exception as exc:  # a record whose schedule no longer applies to its kernel
+        raise TuneError(f"the tuning records in {work_dir} cannot be read: MetaSchedule "
+                        f"failed replaying one ({str(exc).splitlines()[0][:120]})",
+                        stage="records",
+                        hint=f"remove {work_dir} and tune again, or deploy with --no-tuning"
+                        ) from exc
 
 
 def _kernels(mod: "tvm.IRModule") -> list[Any]:
