@@ -162,7 +162,9 @@ def test_tune_int8_model_then_deploy_applies_its_records(local_inventory: Path,
     spec = ModelSpec("tinycnn", quantize="int8", calibration="4")
     summary = tune_on_device(device, spec, trials=4, trials_per_task=2, time_budget_min=None,
                              console=None)
-    assert summary["tasks"] >= 3 and summary["valid_trials"] > 0
+    # on a VNNI CPU the convolutions, the linear layer and the window gathers come scheduled by
+    # hand; the pooling and quantize kernels between them are what is tuned
+    assert summary["tasks"] >= 2 and summary["valid_trials"] > 0
 
     assert main(["deploy", "--device", "local", "tinycnn", "--quantize", "int8", "--calibration",
                  "4", "--json"]) == 0
