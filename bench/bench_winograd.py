@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -157,6 +158,10 @@ def model_side_by_side(name: str, args: argparse.Namespace) -> list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    from devicekit.info import compute_threads
+
+    # TVM runs in this process here: every core, as the device daemon gives its sessions
+    os.environ.setdefault("TVM_NUM_THREADS", str(compute_threads()))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None,
                         help="CxHxW of the convolution (repeatable; default 64x56x56 and "

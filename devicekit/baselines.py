@@ -14,25 +14,19 @@ as `failed` with its reason, and neither ever raises into TVM's RPC server.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from devicekit.info import compute_threads
+
 __all__ = ["ENGINES", "FORMATS", "probe", "run"]
 
 # Engine name -> the module it needs and the model file format the host sends it.
 ENGINES = {"torch": "torch", "onnxruntime": "onnxruntime"}
 FORMATS = {"torch": ".pt2", "onnxruntime": ".onnx"}
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def probe(engine: str) -> dict[str, Any]:
@@ -62,7 +56,7 @@ def run(engine: str, model: Path, inputs: Path, outputs: Path, repeat: int, warm
     found = probe(engine)
     if found["status"] != "ok":
         return found
-    threads = threads or _cores()
+    threads = threads or compute_threads()  # as many as TVM's kernels get
     try:
         with np.load(inputs) as archive:
             arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from devicekit import __version__
+from devicekit.info import compute_threads
 from devicekit.server import DEFAULT_BIND, DEFAULT_PORT, EXPOSED_WARNING, configure_logging, serve
 
 __all__ = ["main"]
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     # about 400 MB per daemon process for nothing, which a fleet of daemons on one machine, or a
     # board with little memory, cannot spare. None in sys.modules makes that import fail fast.
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+    # TVM reads this when a session first runs a parallel kernel; its own default on x86 is half
+    # the CPUs (it assumes hyper-threads), which on a core without them leaves half idle.
+    os.environ.setdefault("TVM_NUM_THREADS", str(compute_threads()))
     if getattr(args, "runtime_only", False):
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # read when TVM is first imported, below
     if args.command == "strip-compiler":

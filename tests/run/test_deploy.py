@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from devicekit.info import compute_threads
 from hostkit.cli import main
 
 pytestmark = pytest.mark.integration
@@ -219,6 +221,9 @@ def test_devices_lists_reachability(daemon: Any, write_inventory: Any,
     assert captured.err.strip() == ("edgekit: error: 2 of 4 devices did not answer as they "
                                     "should (unreachable, silent or another TVM): gone, nowhere")
     assert rows["dev"]["status"] == "reachable" and rows["dev"]["info"]["cores"] >= 1
+    # kernels run on every physical core (TVM's own default on x86 is half the CPUs)
+    assert rows["dev"]["info"]["tvm_threads"] == int(os.environ.get("TVM_NUM_THREADS")
+                                                     or compute_threads())
     assert rows["gone"]["status"] == "unreachable"
     assert rows["gone"]["reports"].startswith("connection refused at 127.0.0.1:9")
     assert "cannot resolve host no-such-board.invalid" in rows["nowhere"]["reports"]
