@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 15
+PIPELINE_VERSION = 16
 
 
 @dataclass(frozen=True)

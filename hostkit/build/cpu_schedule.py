@@ -26,6 +26,12 @@ against PyTorch. A kernel the rule cannot schedule stays as it was; scheduling c
 kernel computes only by float rounding (an inlined multiply and add become one FMA), which an
 int8 build, checked exactly, avoids (`compile_untuned(exact=True)`). edgekit's VNNI kernels are
 marked scheduled and left alone; a tuned build applies its records instead of this.
+
+Float convolutions that are not grouped and whose output channels a vector divides do not
+reach that rule: they run on edgekit's direct kernel (`hostkit.build.direct`, weights packed at
+build time), which `direct_schedule` schedules in untuned and tuned builds alike. With it, and
+the device's threads on every core: untuned ResNet-18 28.5 -> 12.0 ms, MobileNetV2 5.45 -> 4.16
+ms (in-process, 2 threads, outputs within 3e-5 of PyTorch).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ if TYPE_CHECKING:
     import tvm
 
 __all__ = ["compile_untuned", "nhwc_convolutions", "default_schedule", "build_pipeline",
-           "wide_vectors", "vnni_schedule"]
+           "wide_vectors", "vnni_schedule", "direct_schedule"]
 
 log = logging.getLogger("edgekit")
 # Rows of an output axis accumulated beside each vector, in order of preference: four keep an
@@ -60,6 +66,8 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
+                rt.FoldBatchnormToConv2D(),  # one kernel per conv block, as a tuned build
+                rt.FoldConstant(),
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
             ])(_clips_as_min_max(mod))
@@ -136,6 +144,9 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
     pipeline = build_pipeline(target, exact)
     converted = nhwc_convolutions(mod, target)
     if converted is not mod:
+        from hostkit.build.direct import direct_convolutions
+
+        converted = direct_convolutions(converted, target)
         try:
             return tvm.compile(converted, target, relax_pipeline=pipeline)
         except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower
@@ -180,6 +191,7 @@ def default_schedule(exact: bool = False) -> Any:
                 return None
             try:
                 return (vnni_schedule(func, _vector_bits(target))
+                        or direct_schedule(func, target)
                         or _schedule(func, _vector_bits(target), exact))
             except Exception:  # scheduling failed part way: the kernel stays as it was
                 return None
@@ -242,6 +254,66 @@ def vnni_schedule(func: Any, vector_bits: int) -> Any:
     sch.vectorize(sch.get_loops(init)[-1])
     for loop in tile:
         sch.unroll(loop)
+    while rest:
+        _schedule_block(sch, rest.pop(0), vector_bits, rest)
+    return sch
+
+
+def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
+    """The schedule of a kernel holding `direct.conv_kernel`'s block, or None when it has none:
+    blocks of output (up to 14 pixels of a row by one or two vectors of output channels, as
+    many as the registers hold beside a weight vector and a broadcast) accumulated in
+    registers, the input channels and the window outside them; the cores share the blocks,
+    output channels outermost so each core keeps its slice of the weights in cache; the
+    epilogue computed on each block as it is written back; the padding its own parallel loop."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    from hostkit.build.direct import BLOCK, registers
+
+    sch = s_tir.Schedule(func)
+    try:
+        block = sch.get_sblock(BLOCK)
+    except Exception:  # not a direct convolution
+        return None
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    mine = next(info for info in infos if sch.get(info.block_rv).same_as(sch.get(block)))
+    rest = [info for info in _inline(sch, infos) if info is not mine]
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "R"]
+    lanes = max(_vector_bits(target) // 32, 4)
+    weights = next(region.source for region in sch.get(block).reads
+                   if len(region.source.shape) == 5)  # [out / block, kh, kw, in, block]
+    width = int(weights.shape[-1])
+    vectors = width // lanes
+    *pixels, channels = spatial
+    if not pixels or not reduce or _extent(sch, channels) is None:
+        return None
+    row = _extent(sch, pixels[-1]) or 1
+    most = min(14, (registers(target) - 4) // vectors)
+    rows = max(r for r in range(1, most + 1) if row % r == 0)
+    pixels[-1], tile = sch.split(pixels[-1], [None, rows])
+    outer_channels, inner = sch.split(channels, [None, width])
+    vector_loops = [inner]
+    if vectors > 1:
+        vector_loops = list(sch.split(inner, [None, lanes]))
+    sch.reorder(outer_channels, *pixels, *reduce, tile, *vector_loops)
+    outer = sch.fuse(outer_channels, *pixels)
+    sch.parallel(outer)
+    sch.unroll(tile)
+    if vectors > 1:
+        sch.unroll(vector_loops[0])
+    sch.vectorize(vector_loops[-1])
+    accumulator = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(accumulator, outer)
+    _fuse_epilogue(sch, accumulator, rest)
+    sch.vectorize(sch.get_loops(accumulator)[-1])
+    init = sch.decompose_reduction(block, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    vector_bits = _vector_bits(target)
     while rest:
         _schedule_block(sch, rest.pop(0), vector_bits, rest)
     return sch

@@ -143,17 +143,24 @@ def test_export_import_round_trip_builds_the_same_artifact(
     assert second["artifact_sha256"] == first["artifact_sha256"]
 
 
-def _tiny_sibling(path: Path) -> Path:
-    """A model that shares tinycnn's first convolution (3->16, 3x3, same input) and nothing else."""
+def _pair(folder: Path) -> tuple[Path, Path]:
+    """Two models that share their first convolution (3->8, 3x3, same input) and nothing else.
+    Eight output channels: a convolution whose channels a vector divides runs on edgekit's
+    hand-scheduled direct kernel, which no tune measures."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 4)).eval()
-    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 16, 16),)), str(path))
-    return path
+    first = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    second = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 4)).eval()
+    paths = folder / "first.pt2", folder / "second.pt2"
+    for model, path in zip((first, second), paths):
+        torch.export.save(torch.export.export(model, (torch.randn(1, 3, 16, 16),)), str(path))
+    return paths
 
 
 def _shared_best(work_dir: Path, other: Path) -> list[tuple[bool, float, float]]:
@@ -188,24 +195,28 @@ def test_a_tune_takes_shared_tasks_from_other_models(tuned_tiny: dict[str, Any],
     from hostkit.models import ModelSpec
     from hostkit.run.tune import tune_on_device
 
-    monkeypatch.setenv("EDGEKIT_CACHE", str(tuned_tiny["cache"]))
-    sibling = _tiny_sibling(tmp_path / "sibling.pt2")
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    first, second = _pair(tmp_path)
+    device = load_inventory(tuned_tiny["inventory"]).get("local")
+    mine = tune_on_device(device, ModelSpec(str(first)), trials=8, trials_per_task=1,
+                          time_budget_min=None, console=None)
     console = _console()
-    summary = tune_on_device(load_inventory(tuned_tiny["inventory"]).get("local"),
-                             ModelSpec(str(sibling)), trials=2, trials_per_task=1,
+    summary = tune_on_device(device, ModelSpec(str(second)), trials=2, trials_per_task=1,
                              time_budget_min=None, console=console)
-    # The first convolution and the input's layout transpose are tinycnn's too; the rest is not.
+    # The first convolution and the input's layout transpose are the first model's too; the
+    # rest is not.
     borrowed = summary["borrowed_tasks"]
-    assert borrowed >= 1 and summary["borrowed_from"] == ["tinycnn"]
-    assert f"took {borrowed} of {summary['tasks']} tasks from the records of tinycnn" in \
+    assert borrowed >= 1 and summary["borrowed_from"] == ["first.pt2"]
+    assert f"took {borrowed} of {summary['tasks']} tasks from the records of first.pt2" in \
         console.file.getvalue()
-    shared = _shared_best(Path(summary["records_dir"]), Path(tuned_tiny["summary"]["records_dir"]))
+    shared = _shared_best(Path(summary["records_dir"]), Path(mine["records_dir"]))
     assert len(shared) == borrowed and any(conv for conv, _, _ in shared)
-    # tinycnn's best of each is the sibling's too, before (and whatever) its own trials found.
+    # the first model's best of each is the second's too, before (and whatever) its own
+    # trials found.
     assert all(here <= there for _, here, there in shared)
     meta = json.loads((Path(summary["records_dir"]) / "meta.json").read_text())
     assert meta["borrowed_records"] == summary["borrowed_records"] >= 1
-    assert meta["model"] == "sibling.pt2" and meta["trials"] == summary["trials"]
+    assert meta["model"] == "second.pt2" and meta["trials"] == summary["trials"]
 
 
 def _pooled(name: str) -> Any:

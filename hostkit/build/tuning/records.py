@@ -15,7 +15,9 @@ made by an earlier one are never looked up, and the build counts the kernels the
 The preparation folds batch norm into the convolutions before anything else, converts convolutions
 to NHWC (channels innermost: the output channels are what the CPU's vector lanes run over; on
 ResNet-18 the same 128 trials gave 1.3x faster 3x3 and 1.6x faster 7x7 convolutions than NCHW),
-marks the weights (constants) as layout-free so the tuner may choose a blocked weight layout, and
+puts every float convolution it can on edgekit's own direct kernel (`hostkit.build.direct`,
+scheduled by hand, so the tune's time goes to the kernels left), marks the other weights
+(constants) as layout-free so the tuner may choose a blocked weight layout, and
 after tuning the layout rewrite of each weight is folded into a new constant: the library's `main`
 still takes the input alone. Kernels are matched by their anchor block (the convolution), so a
 convolution tuned once serves every epilogue it appears with (bias, residual add, ReLU).
@@ -48,7 +50,7 @@ __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_F
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 # The Relax preparations records belong to; change a name whenever its `prepare_module` changes.
-PREPARATION = "nhwc-anchor-2"  # every convolution direct
+PREPARATION = "nhwc-direct-3"  # every convolution direct, most on edgekit's own kernel
 WINOGRAD = "nhwc-winograd4-2"  # 3x3 stride-1 convolutions as Winograd F(4x4, 3x3)
 PREPARATIONS = (PREPARATION, WINOGRAD)
 # How MetaSchedule tells two kernels are the same task (tuning and applying must agree).
@@ -204,40 +206,44 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
             rt.FoldBatchnormToConv2D(),
             rt.FoldConstant(),  # ConvertLayout crashes on the folded weights' unevaluated math
         ])(mod)
-        if preparation == WINOGRAD:
-            from hostkit.build.winograd import winograd_legalize_map
-
-            # The OHWI weights must be constants, not transposes of them, for the build-time
-            # weight transform.
-            legalize = [rt.FoldConstant(),
-                        rt.LegalizeOps(customize_legalize_map=winograd_legalize_map())]
-        else:
-            legalize = [rt.LegalizeOps()]
-        return _map_kernels(transform.Sequential([
+        # The OHWI weights must be constants, not transposes of them, for the build-time weight
+        # transforms (Winograd's, the direct kernel's packing).
+        converted = transform.Sequential([
             rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
             rt.DecomposeOpsForInference(),
             rt.CanonicalizeBindings(),
-            *legalize,
+            rt.FoldConstant(),
+        ])(_clip_as_min_max(folded))
+        if preparation == WINOGRAD:
+            from hostkit.build.winograd import winograd_legalize_map
+
+            legalized = rt.LegalizeOps(customize_legalize_map=winograd_legalize_map())(converted)
+        else:
+            from hostkit.build.direct import direct_convolutions
+
+            legalized = rt.LegalizeOps()(direct_convolutions(converted, target))
+        return _map_kernels(transform.Sequential([
             rt.AnnotateTIROpPattern(),
             rt.FoldConstant(),
             rt.FuseOps(),
             rt.FuseTIR(),
             rt.AttachAttrLayoutFreeBuffers(),
             relax.transform.DeadCodeElimination(),
-        ])(_clip_as_min_max(folded)), lambda func: _vnni_scheduled(
-            _layout_free_weights_only(func), target))
+        ])(legalized), lambda func: _hand_scheduled(_layout_free_weights_only(func), target))
 
 
-def _vnni_scheduled(func: "tvm.tirx.PrimFunc",
+def _hand_scheduled(func: "tvm.tirx.PrimFunc",
                     target: "tvm.target.Target") -> "tvm.tirx.PrimFunc":
-    """An int8 VNNI matmul and its fused requantization, and an int8 window gather, scheduled
-    by hand and marked so: tuning leaves them as they are (MetaSchedule's generic rules would
-    not use `vpdpbusd`, and after a 6-minute MobileNetV2 int8 tune its best gather took 0.74 ms
-    where the default schedule's takes 0.2)."""
-    from hostkit.build.cpu_schedule import _schedule, _vector_bits, vnni_schedule
+    """A kernel edgekit schedules by hand, scheduled and marked so: tuning leaves it as it is.
+    Those are the direct convolutions (`hostkit.build.direct`: near the machine's peak, where
+    MetaSchedule's best after 30 minutes reached half of it), the int8 VNNI matmuls with their
+    fused requantization (MetaSchedule's generic rules would not use `vpdpbusd`) and the int8
+    window gathers (after a 6-minute MobileNetV2 int8 tune its best gather took 0.74 ms where
+    the default schedule's takes 0.2)."""
+    from hostkit.build.cpu_schedule import _schedule, _vector_bits, direct_schedule, vnni_schedule
     from hostkit.build.vnni import IM2COL
 
-    sch = vnni_schedule(func, _vector_bits(target))
+    sch = vnni_schedule(func, _vector_bits(target)) or direct_schedule(func, target)
     if sch is None and f'"{IM2COL}"' in func.script():
         sch = _schedule(func, _vector_bits(target), exact=True)
     if sch is None:
