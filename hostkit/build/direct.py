@@ -10,11 +10,13 @@ input channel from a 9 MB tensor and ran at half the speed. The kernel is writte
 and marked fusable, so Relax fuses the epilogue after it (bias, ReLU, a residual add), and
 `cpu_schedule.direct_schedule` schedules the two together: nobody tunes it.
 
-Measured on the 2-core AVX-512 build machine, one kernel with its padding (2 threads, 490 GFLOP/s
-peak measured with independent FMA chains): ResNet-18's 3x3 convolutions at 56x56x64, 28x28x128,
-14x14x256 and 7x7x512 ran at 360, 414, 429 and 317 GFLOP/s; the default schedule on HWIO
-weights reached 367, 406, 208 and 124, MetaSchedule's best after 30 minutes about 220 (one
-thread).
+Measured on the 2-core AVX-512 build machine, one kernel with its padding, 2 threads (the
+machine's peak, timed with independent FMA chains: 490 GFLOP/s): ResNet-18's 3x3 convolutions
+at 56x56x64, 28x28x128, 14x14x256 and 7x7x512 ran at 360-390, 410, 390-430 and 317-348 GFLOP/s;
+the same schedule reading the HWIO weights as they were, 367, 406, 208 and 124. In the model
+(layers' weights cold, the epilogue fused) untuned ResNet-18 went from 28.5 ms on the default
+schedule to 12.0, PyTorch 20.5 and ONNX Runtime 10.2 on the same device. Tiles of 14 pixels by
+two vectors were as fast as, or faster than, 7 x 2, 4 x 4 and 7 x 4 at every shape but one.
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
                   on_result: OnResult | None = None,
                   results: list[RunResult] | None = None) -> list[RunResult]:
     """Every model on one device; one RunResult each, whatever happens (see the module doc)."""
+    from hostkit.build.compiler import cores_kept
     from hostkit.build.targets import check_cross_compiler, resolve_target
 
     models = models or _ModelCache()
@@ -137,7 +138,9 @@ def run_on_device(device: Device, specs: Sequence[ModelSpec], options: RunOption
         cross_cc = check_cross_compiler(device, resolved)
         if options.runtime == "cpp":
             _check_cpp(device, resolved)
-        _connect_and_run(device, specs, results, options, models, resolved, cross_cc, note, emit)
+        with cores_kept():  # a build's constant folding would pin this thread to one core
+            _connect_and_run(device, specs, results, options, models, resolved, cross_cc, note,
+                             emit)
     except EdgekitError as exc:
         for result in results:
             if result.status != "ok" and result.error is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from hostkit.build.compiler import import_relax
+from hostkit.build.compiler import cores_kept, import_relax
 from hostkit.build.targets import check_cross_compiler, complete_from_device, resolve_target
 from hostkit.build.tuning.records import (
     PREPARATION,
@@ -52,6 +52,13 @@ def tune_on_device(device: Device, spec: ModelSpec, *, trials: int, trials_per_t
     """
     if trials < 1:
         raise TuneError("--trials must be at least 1", device=device.name, stage="tune")
+    with cores_kept():
+        return _tune(device, spec, trials, trials_per_task, time_budget_min, console, winograd)
+
+
+def _tune(device: Device, spec: ModelSpec, trials: int, trials_per_task: int | None,
+          time_budget_min: float | None, console: "Console | None",
+          winograd: bool) -> dict[str, Any]:
     resolved = resolve_target(device)
     cross_cc = check_cross_compiler(device, resolved)
     model = load_model(spec)

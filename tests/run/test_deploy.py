@@ -245,3 +245,25 @@ def _wait_port(port: int) -> None:
     while not port_open("127.0.0.1", port, 0.5):
         assert time.monotonic() < deadline, "tracker did not start"
         time.sleep(0.2)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to be pinned to")
+def test_a_build_leaves_the_process_on_every_core(daemon: Any, write_inventory: Any) -> None:
+    """TVM's thread pool, started in the host by a build, pinned the host's thread to one core,
+    and a local daemon started after it ran every engine on that core (2x slower). Run in a
+    fresh process: this one's TVM pool may have started long before."""
+    inv = write_inventory({"devices": {"dev": {"target": {"kind": "llvm"},
+                                               "host": "127.0.0.1", "port": daemon.port}}})
+    code = ("import json, os\n"
+            "from hostkit.inventory import load_inventory\n"
+            "from hostkit.models import ModelSpec\n"
+            "from hostkit.run.deploy import RunOptions, run_on_device\n"
+            "before = sorted(os.sched_getaffinity(0))\n"
+            f"device = load_inventory({str(inv)!r}).get('dev')\n"
+            "(row,) = run_on_device(device, [ModelSpec('tinycnn')], RunOptions(repeat=2))\n"
+            "print(json.dumps([before, sorted(os.sched_getaffinity(0)), row.status]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
+    before, after, status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert status == "ok", out.stderr[-2000:]
+    assert after == before
