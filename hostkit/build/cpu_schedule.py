@@ -66,8 +66,6 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
-                rt.FoldBatchnormToConv2D(),  # one kernel per conv block, as a tuned build
-                rt.FoldConstant(),
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
             ])(_clips_as_min_max(mod))
@@ -144,9 +142,15 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
     pipeline = build_pipeline(target, exact)
     converted = nhwc_convolutions(mod, target)
     if converted is not mod:
+        from tvm.relax import transform as rt
+
         from hostkit.build.direct import direct_convolutions
 
-        converted = direct_convolutions(converted, target)
+        # Batch norm as the multiply and add it is at inference, which fuse into the direct
+        # kernel's epilogue. Folded into the weights before the layout conversion, as a tuned
+        # build does, it crashed TVM's layout conversion on RetinaNet and FCOS (a segfault).
+        converted = direct_convolutions(tvm.transform.Sequential([
+            rt.DecomposeOpsForInference(), rt.FoldConstant()])(converted), target)
         try:
             return tvm.compile(converted, target, relax_pipeline=pipeline)
         except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower
