@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from hostkit.build.direct import vector_bits as _vector_bits
 from hostkit.errors import first_line
 
 if TYPE_CHECKING:
@@ -321,16 +322,6 @@ def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
     while rest:
         _schedule_block(sch, rest.pop(0), vector_bits, rest)
     return sch
-
-
-def _vector_bits(target: "tvm.target.Target") -> int:
-    from tvm.target import codegen
-
-    try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:
-        bits = 0
-    return bits if bits > 0 else 128
 
 
 def _extent(sch: Any, loop: Any) -> int | None:

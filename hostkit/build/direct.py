@@ -28,7 +28,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BLOCK", "registers", "output_block", "pack_weights", "conv_kernel",
+__all__ = ["BLOCK", "registers", "vector_bits", "output_block", "pack_weights", "conv_kernel",
            "direct_convolutions"]
 
 BLOCK = "edgekit_conv"  # the convolution block `cpu_schedule.direct_schedule` recognises
@@ -46,6 +46,17 @@ def registers(target: "tvm.target.Target") -> int:
         return 32 if codegen.target_has_features("avx512f", target) else 16
     except Exception:  # an unknown triple: assume the smaller register file
         return 16
+
+
+def vector_bits(target: "tvm.target.Target") -> int:
+    """The width of the target CPU's vectors in bits (128 where LLVM cannot say)."""
+    from tvm.target import codegen
+
+    try:
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:
+        bits = 0
+    return bits if bits > 0 else 128
 
 
 def output_block(out_channels: int, lanes: int) -> int | None:
@@ -117,11 +128,9 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-    from hostkit.build.cpu_schedule import _vector_bits
-
     if str(target.kind.name) != "llvm" or not any(gv.name_hint == "main" for gv in mod.functions):
         return mod
-    lanes = max(_vector_bits(target) // 32, 4)
+    lanes = max(vector_bits(target) // 32, 4)
     weight = is_const()
     conv = is_op("relax.nn.conv2d")(wildcard(), weight)
     builder = relax.BlockBuilder(mod)

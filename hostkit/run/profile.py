@@ -81,7 +81,7 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
 def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
-    known = ("conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+    known = ("direct_conv", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
              "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
              "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
     ops, i = [], 0
@@ -89,7 +89,7 @@ def _ops(symbol: str) -> list[str]:
         for width in (3, 2, 1):
             word = "_".join(parts[i:i + width])
             if word in known:
-                ops.append(word)
+                ops.append("conv2d" if word == "direct_conv" else word)  # edgekit's own kernel
                 i += width
                 break
         else:
@@ -102,10 +102,15 @@ def _conv(shapes: list[list[int]],
     """(kh, kw, in channels, out channels, out height, out width, inputs per output) of a
     convolution kernel from its buffers, in NCHW/OIHW, or NHWC with OHWI weights (tuned builds)
     or HWIO weights (untuned builds, `hostkit.build.cpu_schedule`); None when the weights were
-    rewritten into a blocked layout (tuned kernels) and the layout cannot be told."""
-    if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[1]) != 4 or len(shapes[-1]) != 4:
+    rewritten into a blocked layout (tuned kernels) and the layout cannot be told. edgekit's
+    direct kernel (`hostkit.build.direct`) reads NHWC data and [out/b, kh, kw, in, b] weights."""
+    if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[-1]) != 4:
         return None
     data, w, out = shapes[0], shapes[1], shapes[-1]
+    if len(w) == 5 and w[0] * w[4] == out[3] and w[3] == data[3]:  # the direct kernel
+        return w[1], w[2], data[3], out[3], out[1], out[2], w[3]
+    if len(w) != 4:
+        return None
     if w[0] == out[1] and w[1] and data[1] % w[1] == 0:  # NCHW data, OIHW weights
         return w[2], w[3], data[1], w[0], out[2], out[3], w[1]
     if tuned and w[0] == out[3] and w[3] and data[3] % w[3] == 0:  # NHWC data, OHWI weights

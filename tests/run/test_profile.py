@@ -39,4 +39,6 @@ def test_profile_resnet18_adds_up(daemon: Any, write_inventory: Any, tmp_path: P
                  "1", "--warmup", "0"]) == 0
     text = capsys.readouterr().out
     assert "edgekit profile: resnet18 on dev" in text and "kernels sum to" in text
-    assert "top 20 of" in text
+    # the table stops at 20 rows and says so (ResNet-18 fits it since its batch norms joined
+    # the convolutions' kernels)
+    assert ("top 20 of" in text) == (len(profile["rows"]) > 20)
