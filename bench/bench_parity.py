@@ -90,7 +90,7 @@ def parity(points: list[Point], engine: str) -> str:
     for p in points:
         theirs = getattr(p, f"{engine}_ms")
         if p.tvm_ms is not None and theirs is not None and p.tvm_ms <= theirs:
-            return f"{p.minutes:g} min"
+            return f"after {p.minutes:g} min of tuning"
     last = points[-1].minutes if points else 0
     return f"not within {last:g} min"
 
@@ -222,7 +222,7 @@ def report(points: list[Point], models: list[str], args: argparse.Namespace) -> 
     print()
     for name in models:
         mine = [p for p in points if p.model == name]
-        print(f"{name}: TVM reached PyTorch after {parity(mine, 'torch')}, ONNX Runtime after "
+        print(f"{name}: TVM reached PyTorch {parity(mine, 'torch')}; ONNX Runtime "
               f"{parity(mine, 'onnxruntime')}")
     if args.chart:
         args.chart.write_text(chart(points), encoding="utf-8")
