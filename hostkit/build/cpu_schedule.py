@@ -39,14 +39,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from hostkit.build.direct import vector_bits as _vector_bits
+from hostkit.build.targets import vector_bits as _vector_bits
+from hostkit.build.targets import wide_vectors
 from hostkit.errors import first_line
 
 if TYPE_CHECKING:
     import tvm
 
 __all__ = ["compile_untuned", "nhwc_convolutions", "default_schedule", "build_pipeline",
-           "wide_vectors", "vnni_schedule", "direct_schedule"]
+           "vnni_schedule", "direct_schedule"]
 
 log = logging.getLogger("edgekit")
 # Rows of an output axis accumulated beside each vector, in order of preference: four keep an
@@ -160,30 +161,6 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
     return tvm.compile(mod, target, relax_pipeline=pipeline)
 
 
-def wide_vectors(target: "tvm.target.Target") -> "tvm.target.Target":
-    """`target` with LLVM told to use the full 512-bit vectors of an AVX-512 CPU.
-
-    On such CPUs LLVM by default keeps vectorized loops at 256 bits (a hedge against the clock
-    drop early AVX-512 server parts showed), so a 16-lane loop is split in two halves. The
-    kernels here are scheduled for the full width; measured side by side (untuned, in-process):
-    MobileNetV2 int8 5.0 -> 3.7 ms (its requantizations and depthwise convolutions are integer
-    and float vector work), fp32 9.7 -> 9.6 ms, ResNet-18 unchanged. A target that says either
-    way (`prefer-256-bit` in its `mattr`) is left as it is."""
-    import tvm
-    from tvm.target import codegen
-
-    try:
-        avx512 = bool(codegen.target_has_features("avx512f", target))
-    except Exception:  # an Arm or unknown triple: LLVM has no such feature to ask about
-        return target
-    config = dict(target.export())
-    mattr = [str(m) for m in config.get("mattr", [])]
-    if not avx512 or any("prefer-256-bit" in m for m in mattr):
-        return target
-    config["mattr"] = [*mattr, "-prefer-256-bit"]
-    return tvm.target.Target(config)
-
-
 def default_schedule(exact: bool = False) -> Any:
     """The dlight rule applying the schedule this module describes to one kernel, or leaving
     it as it was (None) when a step does not fit it (opaque blocks, dynamic loops)."""
@@ -274,7 +251,8 @@ def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    from hostkit.build.direct import BLOCK, registers
+    from hostkit.build.direct import BLOCK
+    from hostkit.build.targets import registers
 
     sch = s_tir.Schedule(func)
     try:

@@ -28,35 +28,12 @@ import numpy as np
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BLOCK", "registers", "vector_bits", "output_block", "pack_weights", "conv_kernel",
+__all__ = ["BLOCK", "output_block", "pack_weights", "conv_kernel",
            "direct_convolutions"]
 
 BLOCK = "edgekit_conv"  # the convolution block `cpu_schedule.direct_schedule` recognises
 NHWC = ("NHWC", "HWIO", "NHWC")
 NHWC_OHWI = ("NHWC", "OHWI", "NHWC")
-
-
-def registers(target: "tvm.target.Target") -> int:
-    """Vector registers the target's CPU has: 32 with AVX-512 or on AArch64, else 16."""
-    from tvm.target import codegen
-
-    if "aarch64" in str(target.attrs.get("mtriple", "")):
-        return 32
-    try:
-        return 32 if codegen.target_has_features("avx512f", target) else 16
-    except Exception:  # an unknown triple: assume the smaller register file
-        return 16
-
-
-def vector_bits(target: "tvm.target.Target") -> int:
-    """The width of the target CPU's vectors in bits (128 where LLVM cannot say)."""
-    from tvm.target import codegen
-
-    try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:
-        bits = 0
-    return bits if bits > 0 else 128
 
 
 def output_block(out_channels: int, lanes: int) -> int | None:
@@ -127,6 +104,8 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
     is."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    from hostkit.build.targets import vector_bits
 
     if str(target.kind.name) != "llvm" or not any(gv.name_hint == "main" for gv in mod.functions):
         return mod

@@ -161,7 +161,7 @@ def test_wide_vectors_only_where_the_cpu_has_avx512_and_the_target_does_not_say(
     """AVX-512 CPUs get LLVM's full 512-bit vectors; others, and targets that choose, stay."""
     import tvm
 
-    from hostkit.build.cpu_schedule import wide_vectors
+    from hostkit.build.targets import wide_vectors
 
     def mattr(spec: dict[str, object]) -> list[str]:
         return [str(m) for m in wide_vectors(tvm.target.Target(spec)).attrs.get("mattr", [])]

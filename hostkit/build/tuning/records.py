@@ -156,7 +156,7 @@ class TuningRecords:
             prepared = prepare_module(mod, tuned_target, self.preparation)
             applied, coverage = apply_records(prepared, self.work_dir)
             applied = schedule_uncovered(applied, tuned_target, exact)
-        from hostkit.build.cpu_schedule import wide_vectors
+        from hostkit.build.targets import wide_vectors
 
         return tvm.compile(applied, wide_vectors(tuned_target)), coverage
 
