@@ -36,13 +36,18 @@ def test_nhwc_kernels_of_a_tuned_build_are_named_too() -> None:
                                      "shapes": [[1, 32, 32, 3], [16, 3, 3, 3], [1, 1, 1, 16],
                                                 [1, 32, 32, 16]]},
            "conv2d1": {"calls": 1, "seconds": 0.001,
-                       "shapes": [[1, 16, 16, 16], [2, 3, 3, 16, 8], [1, 8, 8, 16]]}}
+                       "shapes": [[1, 16, 16, 16], [2, 3, 3, 16, 8], [1, 8, 8, 16]]},
+           "conv2d2": {"calls": 1, "seconds": 0.001,
+                       "shapes": [[1, 16, 16, 16], [2, 2, 3, 3, 8, 8], [1, 8, 8, 16]]}}
     rows = {row.symbol: row for row in kernel_rows(raw, 1, True, None).rows}
     assert rows["fused_conv2d_add_relu"].name == "conv2d 3x3 3->16 @32x32 (+ add, relu)"
     assert rows["fused_conv2d_add_relu"].gflops == pytest.approx(
         2 * 32 * 32 * 16 * 3 * 9 / 1e-3 / 1e9, abs=0.05)
-    assert rows["conv2d1"].name == "conv2d" and rows["conv2d1"].gflops is None, \
-        "a blocked weight layout is not guessed at"
+    # edgekit's direct kernel: weights packed [out/8, kh, kw, in, 8]
+    assert rows["conv2d1"].name == "conv2d 3x3 16->16 @8x8"
+    assert rows["conv2d1"].gflops == pytest.approx(2 * 8 * 8 * 16 * 16 * 9 / 1e-3 / 1e9, abs=0.05)
+    assert rows["conv2d2"].name == "conv2d" and rows["conv2d2"].gflops is None, \
+        "a blocked weight layout edgekit did not make is not guessed at"
 
 
 def test_nhwc_kernels_of_an_untuned_build_are_named_from_hwio_weights() -> None:
