@@ -105,6 +105,7 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+    from hostkit.build import direct_winograd as winograd
     from hostkit.build.targets import vector_bits
 
     if str(target.kind.name) != "llvm" or not any(gv.name_hint == "main" for gv in mod.functions):
@@ -142,6 +143,10 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         top, left, bottom, right = padding
         oh = (h + top + bottom - kh) // strides[0] + 1
         ow = (wd + left + right - kw) // strides[1] + 1
+        m = winograd.tile_size((kh, kw), (strides[0], strides[1]), (oh, ow), dims[3], lanes,
+                               out)
+        if m is not None:
+            return _winograd(builder, kernels, x, w, dims, padding, (oh, ow), (block, lanes), m)
         key = (dims, kh, kw, strides, padding, out, block)
         if key not in kernels:
             kernels[key] = builder.add_func(
@@ -154,3 +159,35 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
     rewritten = builder.get()
     rewritten["main"] = main
     return rewritten
+
+
+def _winograd(builder: Any, kernels: dict[tuple[Any, ...], Any], x: Any, w: np.ndarray,
+              dims: tuple[int, ...], padding: tuple[int, ...], out_hw: tuple[int, int],
+              vectors: tuple[int, int], m: int) -> Any:
+    """A 3x3 stride-1 convolution as `direct_winograd`'s three kernels, F(m x m, 3 x 3), the
+    multiply's output channels in blocks of `vectors[0]`, vectors of `vectors[1]` lanes."""
+    from tvm import relax
+
+    from hostkit.build import direct_winograd as winograd
+
+    n, h, wd, c = dims
+    out = int(w.shape[3])
+    block, lanes = vectors
+    points = (m + 2) ** 2
+    _, _, rows = winograd.tiles(n, out_hw, m)
+    names = (f"winograd_pack_{c}_{h}x{wd}", f"winograd_gemm_{c}x{out}_{rows}",
+             f"winograd_unpack_{out}_{out_hw[0]}x{out_hw[1]}")
+    makers = (lambda: winograd.pack_kernel(dims, padding, m, lanes),  # type: ignore[arg-type]
+              lambda: winograd.gemm_kernel(points, rows, c, out, block),
+              lambda: winograd.unpack_kernel(rows, (n, *out_hw, out), m))
+    funcs = []
+    for name, make in zip(names, makers):
+        key = ("winograd", name, dims, padding, block, m)
+        if key not in kernels:
+            kernels[key] = builder.add_func(make(), name)
+        funcs.append(kernels[key])
+    packed = relax.call_tir(funcs[0], [x], relax.TensorType((points, rows, c), "float32"))
+    weights = relax.const(winograd.transform_weights(w, block, m))
+    product = relax.call_tir(funcs[1], [packed, weights],
+                             relax.TensorType((points, rows, out), "float32"))
+    return relax.call_tir(funcs[2], [product], relax.TensorType((n, *out_hw, out), "float32"))

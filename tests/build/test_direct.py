@@ -4,8 +4,9 @@ Each case is one convolution block (conv, batch norm, ReLU, a residual add where
 exported from PyTorch, built untuned for the machine's CPU and for a generic x86-64 one (16 vector
 registers, 256-bit vectors: smaller blocks), and compared with PyTorch on the same weights. The
 shapes are ResNet's and MobileNet's (3x3 padded, with stride 2, 1x1, the 7x7 stem on 3 channels,
-a row width no block divides evenly); grouped convolutions and output channels no vector divides
-stay on the default schedule.
+a row width no block divides evenly); 3x3 stride-1 convolutions with even outputs of 14 or more
+on Winograd's three kernels (`hostkit.build.direct_winograd`); grouped convolutions and output
+channels no vector divides stay on the default schedule.
 """
 
 from __future__ import annotations
@@ -69,33 +70,43 @@ def _targets() -> list[Any]:
             tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})]
 
 
-def _direct_kernels(mod: Any) -> list[str]:
+def _kernels(mod: Any, prefix: str = "direct_conv") -> list[str]:
     from tvm import tirx
 
     return [gv.name_hint for gv, f in mod.functions.items()
-            if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("direct_conv")]
+            if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(prefix)]
 
 
-@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "size", "direct"), [
-    (32, 32, 3, 1, 14, True),    # a residual block's second convolution
-    (32, 64, 3, 2, 14, True),    # downsampling
-    (48, 96, 1, 1, 10, True),    # 1x1 (a block of one vector where two do not divide)
-    (3, 64, 7, 2, 23, True),     # the stem: three input channels, an odd row of 12
-    (16, 24, 1, 1, 8, False),    # 24 output channels: the default schedule
+@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "size", "batch", "kind"), [
+    (32, 32, 3, 1, 14, 1, "winograd"),  # a residual block's second convolution
+    (16, 32, 3, 1, 16, 2, "winograd"),  # two images: tiles of both in one multiply
+    (32, 32, 3, 1, 7, 1, "direct"),     # 7x7 output: a quarter of every 2x2 tile padding
+    (32, 64, 3, 2, 14, 1, "direct"),    # downsampling
+    (48, 96, 1, 1, 10, 1, "direct"),    # 1x1 (a block of one vector where two do not divide)
+    (3, 64, 7, 2, 23, 1, "direct"),     # the stem: three input channels, an odd row of 12
+    (16, 24, 1, 1, 8, 1, None),         # 24 output channels: the default schedule
 ])
 def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stride: int,
-                                          size: int, direct: bool) -> None:
+                                          size: int, batch: int, kind: str | None,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     import tvm
     from tvm import relax
 
     from hostkit.build.cpu_schedule import compile_untuned, nhwc_convolutions
     from hostkit.build.direct import direct_convolutions
 
-    mod, x, ref = _relax(_Block(cin, cout, kernel, stride), (1, cin, size, size))
+    mod, x, ref = _relax(_Block(cin, cout, kernel, stride), (batch, cin, size, size))
     for target in _targets():
-        kernels = _direct_kernels(direct_convolutions(nhwc_convolutions(mod, target), target))
-        assert len(kernels) == (1 if direct else 0), (str(target), kernels)
-        vm = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())
+        rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
+        kernels = {name: _kernels(rewritten, name) for name in ("direct_conv", "winograd_gemm")}
+        expected = {"direct_conv": [1] if kind == "direct" else [],
+                    "winograd_gemm": [1] if kind == "winograd" else []}
+        assert {k: [len(v)] if v else [] for k, v in kernels.items()} == expected, str(target)
+        with caplog.at_level(logging.INFO, logger="edgekit"):
+            vm = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())
+        assert "did not build" not in caplog.text, "the NHWC module built, not the fallback"
         out = vm["main"](tvm.runtime.tensor(x))
         out = out[0] if not hasattr(out, "numpy") else out
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -107,26 +118,71 @@ def test_grouped_convolutions_stay_on_the_default_schedule() -> None:
 
     mod, _, _ = _relax(_Block(32, 32, 3, 1, groups=32), (1, 32, 14, 14))
     target = _targets()[0]
-    assert _direct_kernels(direct_convolutions(nhwc_convolutions(mod, target), target)) == []
+    rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
+    assert _kernels(rewritten) == [] and _kernels(rewritten, "winograd") == []
 
 
-def test_the_kernel_is_scheduled_by_hand_and_tuning_leaves_it() -> None:
-    """In a tuned build's preparation the direct kernel comes scheduled (threads, vectors, the
-    epilogue fused) and marked so, which keeps MetaSchedule from extracting it as a task."""
+@pytest.mark.parametrize(("stride", "names"), [
+    (2, ("direct_conv",)),
+    (1, ("winograd_pack", "winograd_gemm", "winograd_unpack")),
+])
+def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
+        stride: int, names: tuple[str, ...]) -> None:
+    """In a tuned build's preparation the direct kernel and Winograd's three come scheduled
+    (threads, vectors, the epilogue fused) and marked so, which keeps MetaSchedule from
+    extracting them as tasks."""
     from tvm import tirx
 
     from hostkit.build.tuning.records import prepare_module
     from hostkit.build.tuning.search import extract_tasks
 
-    mod, _, _ = _relax(_Block(32, 32, 3, 1), (1, 32, 14, 14))
+    mod, _, _ = _relax(_Block(32, 32, 3, stride), (1, 32, 28, 28))
     target = _targets()[0]
     prepared = prepare_module(mod, target)
-    direct = [f for gv, f in prepared.functions.items()
-              if isinstance(f, tirx.PrimFunc) and "direct_conv" in gv.name_hint]
-    assert len(direct) == 1
-    script = direct[0].script()
-    assert direct[0].attrs["tirx.is_scheduled"]
-    assert "T.parallel" in script and "T.vectorized" in script and "T.unroll" in script
-    assert "T.max" in script, "the ReLU is computed in the convolution's kernel"
-    names = [task.task_name for task in extract_tasks(prepared, target, "local")]
-    assert names and not any("direct_conv" in name for name in names), names
+    for name in names:
+        kernels = [f for gv, f in prepared.functions.items()
+                   if isinstance(f, tirx.PrimFunc) and name in gv.name_hint]
+        assert len(kernels) == 1, (name, [gv.name_hint for gv in prepared.functions])
+        script = kernels[0].script()
+        assert kernels[0].attrs["tirx.is_scheduled"], name
+        assert "T.parallel" in script and "T.vectorized" in script, name
+    epilogue = [f for gv, f in prepared.functions.items() if names[-1] in gv.name_hint][0]
+    assert "T.max" in epilogue.script(), "the ReLU is computed in the convolution's last kernel"
+    tasks = [task.task_name for task in extract_tasks(prepared, target, "local")]
+    assert not any(name in task for task in tasks for name in names), tasks
+
+
+@pytest.mark.parametrize(("m", "size", "batch"), [(2, 10, 1), (4, 14, 1), (4, 9, 2)])
+def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int) -> None:
+    """F(2x2) and F(4x4) alone (tiles past the edge of a row included), from the transformed
+    weights to the NHWC output, against PyTorch's convolution."""
+    import torch
+    import tvm
+
+    from hostkit.build import direct_winograd as winograd
+    from hostkit.build.cpu_schedule import direct_schedule
+
+    target, cin, cout, block = _targets()[0], 32, 64, 32
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, cin), dtype=np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
+    _, _, rows = winograd.tiles(batch, (size, size), m)
+    points = (m + 2) ** 2
+
+    def run(func: Any, schedule: Any, *args: np.ndarray, out: tuple[int, ...]) -> np.ndarray:
+        sch = schedule(func.with_attr("global_symbol", "main"), target)
+        assert sch is not None
+        result = tvm.runtime.tensor(np.zeros(out, np.float32))
+        tvm.compile(sch.mod, target=target)["main"](*map(tvm.runtime.tensor, args), result)
+        return result.numpy()
+
+    packed = run(winograd.pack_kernel((batch, size, size, cin), (1, 1, 1, 1), m, 8),
+                 lambda func, _: tvm.s_tir.Schedule(func), x, out=(points, rows, cin))
+    product = run(winograd.gemm_kernel(points, rows, cin, cout, block), direct_schedule,
+                  packed, winograd.transform_weights(w, block, m), out=(points, rows, cout))
+    y = run(winograd.unpack_kernel(rows, (batch, size, size, cout), m),
+            winograd.winograd_schedule, product, out=(batch, size, size, cout))
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                     torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
+    ref_nhwc = ref.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(y, ref_nhwc, rtol=1e-4, atol=1e-4 * np.abs(ref_nhwc).max())

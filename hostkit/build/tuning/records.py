@@ -50,7 +50,7 @@ __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_F
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 # The Relax preparations records belong to; change a name whenever its `prepare_module` changes.
-PREPARATION = "nhwc-direct-3"  # every convolution direct, most on edgekit's own kernel
+PREPARATION = "nhwc-direct-4"  # most convolutions on edgekit's own kernels (direct, Winograd F(2x2))
 WINOGRAD = "nhwc-winograd4-2"  # 3x3 stride-1 convolutions as Winograd F(4x4, 3x3)
 PREPARATIONS = (PREPARATION, WINOGRAD)
 # How MetaSchedule tells two kernels are the same task (tuning and applying must agree).
@@ -243,6 +243,8 @@ def _hand_scheduled(func: "tvm.tirx.PrimFunc",
     from hostkit.build.cpu_schedule import _schedule, _vector_bits, direct_schedule, vnni_schedule
     from hostkit.build.vnni import IM2COL
 
+    if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # written scheduled
+        return func
     sch = vnni_schedule(func, _vector_bits(target)) or direct_schedule(func, target)
     if sch is None and f'"{IM2COL}"' in func.script():
         sch = _schedule(func, _vector_bits(target), exact=True)
