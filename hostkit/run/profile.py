@@ -81,7 +81,7 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
 def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
-    known = ("direct_conv", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+    known = ("direct_conv", "winograd_pack", "winograd_gemm", "winograd_unpack", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
              "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
              "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
     ops, i = [], 0
@@ -107,6 +107,11 @@ def _conv(shapes: list[list[int]],
     if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[-1]) != 4:
         return None
     data, w, out = shapes[0], shapes[1], shapes[-1]
+    # the direct kernel's input and packed weights, wherever a fused prologue (a residual
+    # branch's batch norm) put them among the kernel's arguments
+    packed = next((i for i in range(1, len(shapes) - 1) if len(shapes[i]) == 5), None)
+    if packed is not None:
+        data, w = shapes[packed - 1], shapes[packed]
     if len(w) == 5 and w[0] * w[4] == out[3] and w[3] == data[3]:  # the direct kernel
         return w[1], w[2], data[3], out[3], out[1], out[2], w[3]
     if len(w) != 4:
@@ -120,14 +125,27 @@ def _conv(shapes: list[list[int]],
     return None
 
 
+# `hostkit.build.direct_winograd`'s three kernels
+_WINOGRAD = {"winograd_pack": "input transform", "winograd_gemm": "multiply",
+             "winograd_unpack": "output transform"}
+
+
 def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:
     ops = _ops(symbol)
+    if "conv2d" in ops:  # a kernel named by what leads it (batch norm fused before a 1x1)
+        ops.remove("conv2d")
+        ops.insert(0, "conv2d")
     head, rest = ops[0], ops[1:]
     tail = f" (+ {', '.join(dict.fromkeys(rest))})" if rest else ""
     conv = _conv(shapes, tuned) if head == "conv2d" else None
     if conv is not None:
         kh, kw, cin, cout, oh, ow, _ = conv
         return f"conv2d {kh}x{kw} {cin}->{cout} @{oh}x{ow}{tail}"
+    if head in _WINOGRAD and len(shapes) >= 2:
+        channels, outputs = shapes[0][-1], shapes[-1][-1]
+        label = {"winograd_pack": f"{channels} channels", "winograd_unpack": f"{outputs} channels",
+                 "winograd_gemm": f"{channels}->{outputs}"}[head]
+        return f"winograd 3x3 {_WINOGRAD[head]} {label}{tail}"
     if head == "matmul" and len(shapes) >= 2:
         return f"matmul {'x'.join(map(str, shapes[0]))} by {'x'.join(map(str, shapes[1]))}{tail}"
     return f"{head}{tail}"
@@ -139,10 +157,12 @@ def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float,
     if not mean_ms or not shapes:
         return None
     flops = None
-    conv = _conv(shapes, tuned) if ops[0] == "conv2d" else None
+    conv = _conv(shapes, tuned) if "conv2d" in ops else None
     if conv is not None:
         kh, kw, _, cout, oh, ow, per_output = conv
         flops = 2 * shapes[-1][0] * cout * oh * ow * per_output * kh * kw
+    elif ops[0] == "winograd_gemm" and len(shapes) == 3 and len(shapes[0]) == 3:
+        flops = 2 * math.prod(shapes[0]) * shapes[-1][-1]  # the multiplies it does, 2.25x fewer
     elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) == 2:
         a, b = shapes[0], shapes[1]
         flops = 2 * math.prod(a) * b[-1]

@@ -25,11 +25,16 @@ def test_profile_resnet18_adds_up(daemon: Any, write_inventory: Any, tmp_path: P
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok", result["error"]
     profile = result["profile"]
-    assert abs(profile["unaccounted"]) < 0.10, profile["unaccounted"]
+    # timing each of ~160 calls (kernels and VM built-ins) costs some: kernels may sum to a
+    # little more than the untimed run; time they leave out would be a kernel not counted
+    assert -0.15 < profile["unaccounted"] < 0.10, profile["unaccounted"]
     names = [row["name"] for row in profile["rows"]]
-    assert any(name.startswith("conv2d 3x3 64->64 @56x56") for name in names), names
+    # the 3x3 stride-1 convolutions run as Winograd's three kernels, the others direct
+    assert any(name.startswith("winograd 3x3 multiply 64->64") for name in names), names
+    assert any(name.startswith("winograd 3x3 input transform 64") for name in names), names
     assert any(name.startswith("conv2d 7x7 3->64 @112x112") for name in names), names
-    convs = [row for row in profile["rows"] if row["name"].startswith("conv2d")]
+    convs = [row for row in profile["rows"]
+             if row["name"].startswith(("conv2d", "winograd 3x3 multiply"))]
     assert sum(row["calls"] for row in convs) == 20, "ResNet-18 has 20 convolutions"
     assert all(row["gflops"] and row["gflops"] > 0 for row in convs)
     with rows_csv.open(encoding="utf-8") as handle:

@@ -60,3 +60,33 @@ def test_nhwc_kernels_of_an_untuned_build_are_named_from_hwio_weights() -> None:
     assert rows["fused_conv2d_add_relu"].name == "conv2d 3x3 3->16 @32x32 (+ add, relu)"
     assert rows["conv2d1"].name == "conv2d 3x3 32->32 @16x16"
     assert rows["conv2d1"].gflops == pytest.approx(2 * 16 * 16 * 32 * 9 / 1e-3 / 1e9, abs=0.05)
+
+
+def test_winograd_kernels_are_named_by_their_stage() -> None:
+    raw = {"winograd_pack_64_56x56": {"calls": 1, "seconds": 0.0001,
+                                      "shapes": [[1, 56, 56, 64], [36, 196, 64]]},
+           "winograd_gemm_64x64_196": {"calls": 1, "seconds": 0.0005,
+                                       "shapes": [[36, 196, 64], [36, 2, 1, 64, 32],
+                                                  [36, 196, 64]]},
+           "fused_winograd_unpack_64_56x56_add1_relu1": {
+               "calls": 1, "seconds": 0.0001,
+               "shapes": [[36, 196, 64], [1, 1, 1, 64], [1, 56, 56, 64]]}}
+    rows = {row.symbol: row for row in kernel_rows(raw, 1, False, None).rows}
+    assert rows["winograd_pack_64_56x56"].name == "winograd 3x3 input transform 64 channels"
+    gemm = rows["winograd_gemm_64x64_196"]
+    assert gemm.name == "winograd 3x3 multiply 64->64"
+    assert gemm.gflops == pytest.approx(2 * 36 * 196 * 64 * 64 / 0.5e-3 / 1e9, abs=0.05)
+    assert rows["fused_winograd_unpack_64_56x56_add1_relu1"].name == \
+        "winograd 3x3 output transform 64 channels (+ add, relu)"
+
+
+def test_a_convolution_after_its_fused_batch_norm_is_named_as_one() -> None:
+    """A residual branch's batch norm fused before a downsampling 1x1 convolution leads the
+    kernel's name and its arguments (as ResNet-18's are)."""
+    raw = {"fused_subtract2_divide2_direct_conv_1x1_64x128_56x56_add4_relu2": {
+        "calls": 1, "seconds": 0.001,
+        "shapes": [[1, 28, 28, 128], [1, 1, 1, 128], [1, 1, 1, 128], [1, 56, 56, 64],
+                   [4, 1, 1, 64, 32], [1, 1, 1, 128], [1, 28, 28, 128]]}}
+    row = kernel_rows(raw, 1, False, None).rows[0]
+    assert row.name == "conv2d 1x1 64->128 @28x28 (+ subtract, divide, add, relu)"
+    assert row.gflops == pytest.approx(2 * 28 * 28 * 128 * 64 / 1e-3 / 1e9, abs=0.05)
