@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["GEMM", "UNPACK", "find_block", "transform_weights", "pack_kernel", "gemm_kernel",
            "unpack_kernel", "tile_size", "tiles", "winograd_schedule"]
 
+PACK = "edgekit_wino_pack"
 GEMM = "edgekit_wino_gemm"  # scheduled as the direct kernel's block
 UNPACK = "edgekit_wino_unpack"
 ROWS = 14  # tiles per block of the multiply at most (`cpu_schedule.direct_schedule`'s)
@@ -139,6 +140,7 @@ def pack_kernel(shape: tuple[int, int, int, int], padding: tuple[int, int, int, 
     points stored. (Written as a tensor expression, the point a loop iteration stores is a
     select among all alpha^2 expressions, which took LLVM 47 s to fold for F(4x4).)"""
     from tvm import s_tir, tirx
+    from tvm.ir import Range
 
     n, h, w, c = shape
     top, left, bottom, right = padding
@@ -174,7 +176,10 @@ def pack_kernel(shape: tuple[int, int, int, int], padding: tuple[int, int, int, 
     body: Any = tirx.SeqStmt(steps)
     body = tirx.For(inner, i64(0), i64(lanes), tirx.ForKind.VECTORIZED, body)
     body = tirx.For(outer, i64(0), i64(padded * (c // lanes)), tirx.ForKind.PARALLEL, body)
-    # under a root block, as TVM's Relax passes expect of a kernel
+    # one opaque block under the root, as TVM's Relax passes expect of a kernel
+    whole = [tirx.BufferRegion(buffer, [Range.from_min_extent(i64(0), extent)
+                                        for extent in buffer.shape]) for buffer in (x, v)]
+    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], whole[:1], whole[1:], PACK, body))
     body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
     func = tirx.PrimFunc([x, v], body)
     return func.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True).with_attr(

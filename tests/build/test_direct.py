@@ -127,13 +127,13 @@ def test_grouped_convolutions_stay_on_the_default_schedule() -> None:
     (1, ("winograd_pack", "winograd_gemm", "winograd_unpack")),
 ])
 def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
-        stride: int, names: tuple[str, ...]) -> None:
+        stride: int, names: tuple[str, ...], tmp_path: Any) -> None:
     """In a tuned build's preparation the direct kernel and Winograd's three come scheduled
     (threads, vectors, the epilogue fused) and marked so, which keeps MetaSchedule from
-    extracting them as tasks."""
+    extracting them as tasks, and applying records passes over them."""
     from tvm import tirx
 
-    from hostkit.build.tuning.records import prepare_module
+    from hostkit.build.tuning.records import apply_records, prepare_module
     from hostkit.build.tuning.search import extract_tasks
 
     mod, _, _ = _relax(_Block(32, 32, 3, stride), (1, 32, 28, 28))
@@ -150,6 +150,9 @@ def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
     assert "T.max" in epilogue.script(), "the ReLU is computed in the convolution's last kernel"
     tasks = [task.task_name for task in extract_tasks(prepared, target, "local")]
     assert not any(name in task for task in tasks for name in names), tasks
+    with target:  # a tuned build of it (no records here): MetaSchedule's passes take the kernels
+        applied, _ = apply_records(prepared, tmp_path)
+    assert all(any(name in gv.name_hint for gv in applied.functions) for name in names)
 
 
 @pytest.mark.parametrize(("m", "size", "batch"), [(2, 10, 1), (4, 14, 1), (4, 9, 2)])
