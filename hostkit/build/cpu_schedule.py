@@ -252,14 +252,14 @@ def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
+    from hostkit.build.depthwise import depthwise_schedule
     from hostkit.build.direct import BLOCK
     from hostkit.build.direct_winograd import GEMM, find_block, winograd_schedule
     from hostkit.build.targets import registers
 
     sch = s_tir.Schedule(func)
-    block = find_block(sch, (BLOCK, GEMM))
-    if block is None:  # not a direct convolution: perhaps a Winograd transform
-        return winograd_schedule(func, target)
+    if (block := find_block(sch, (BLOCK, GEMM))) is None:
+        return winograd_schedule(func, target) or depthwise_schedule(func, target)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None

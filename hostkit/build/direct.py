@@ -121,7 +121,9 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         x = expr.args[0]
         shape = getattr(x.ty, "shape", None)
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-        if (int(attrs.groups) != 1 or layouts not in (NHWC, NHWC_OHWI)
+        if int(attrs.groups) != 1:
+            return _depthwise(builder, kernels, expr, matches[weight], lanes)
+        if (layouts not in (NHWC, NHWC_OHWI)
                 or str(x.ty.dtype) != "float32" or str(attrs.out_dtype) not in ("", "float32")
                 or any(int(d) != 1 for d in attrs.dilation)
                 or not isinstance(shape, relax.ShapeExpr)
@@ -191,3 +193,41 @@ def _winograd(builder: Any, kernels: dict[tuple[Any, ...], Any], x: Any, w: np.n
     product = relax.call_tir(funcs[1], [packed, weights],
                              relax.TensorType((points, rows, out), "float32"))
     return relax.call_tir(funcs[2], [product], relax.TensorType((n, *out_hw, out), "float32"))
+
+
+def _depthwise(builder: Any, kernels: dict[tuple[Any, ...], Any], expr: Any, weight: Any,
+               lanes: int) -> Any:
+    """A float32 NHWC depthwise convolution as `depthwise.depthwise_kernel`, or `expr` as it
+    was when it is not one."""
+    from tvm import relax
+
+    from hostkit.build import depthwise
+
+    attrs, x = expr.attrs, expr.args[0]
+    shape = getattr(x.ty, "shape", None)
+    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+    if (layouts not in (NHWC, NHWC_OHWI) or str(x.ty.dtype) != "float32"
+            or str(attrs.out_dtype) not in ("", "float32")
+            or any(int(d) != 1 for d in attrs.dilation)
+            or not isinstance(shape, relax.ShapeExpr)
+            or not all(hasattr(d, "value") for d in shape.values)):
+        return expr
+    w = weight.value.numpy()
+    dims = tuple(int(d.value) for d in shape.values)
+    out = int(expr.ty.shape[3]) if hasattr(expr.ty, "shape") else -1
+    if w.dtype != np.float32 or not depthwise.eligible(int(attrs.groups), dims[3], out, lanes):
+        return expr
+    w = depthwise.weights_hwc(w, str(attrs.kernel_layout))
+    kh, kw, _ = w.shape
+    strides = (int(attrs.strides[0]), int(attrs.strides[1]))
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    n, h, wd, c = dims
+    oh, ow = (h + top + bottom - kh) // strides[0] + 1, (wd + left + right - kw) // strides[1] + 1
+    key = ("depthwise", dims, kh, kw, strides, (top, left, bottom, right))
+    if key not in kernels:
+        kernels[key] = builder.add_func(
+            depthwise.depthwise_kernel(dims, (kh, kw), strides,  # type: ignore[arg-type]
+                                       (top, left, bottom, right)),
+            f"depthwise_conv_{kh}x{kw}_{c}_{h}x{wd}")
+    return relax.call_tir(kernels[key], [x, relax.const(w)],
+                          relax.TensorType((n, oh, ow, c), "float32"))

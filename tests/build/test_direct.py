@@ -4,9 +4,10 @@ Each case is one convolution block (conv, batch norm, ReLU, a residual add where
 exported from PyTorch, built untuned for the machine's CPU and for a generic x86-64 one (16 vector
 registers, 256-bit vectors: smaller blocks), and compared with PyTorch on the same weights. The
 shapes are ResNet's and MobileNet's (3x3 padded, with stride 2, 1x1, the 7x7 stem on 3 channels,
-a row width no block divides evenly); 3x3 stride-1 convolutions with even outputs of 14 or more
-on Winograd's three kernels (`hostkit.build.direct_winograd`); grouped convolutions and output
-channels no vector divides stay on the default schedule.
+a row width no block divides evenly); 3x3 stride-1 convolutions with outputs of 14 or more on
+Winograd's three kernels (`hostkit.build.direct_winograd`); depthwise ones on their own
+(`hostkit.build.depthwise`); other grouped convolutions and output channels no vector divides
+stay on the default schedule.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def _kernels(mod: Any, prefix: str = "direct_conv") -> list[str]:
 
 @pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "size", "batch", "kind"), [
     (32, 32, 3, 1, 14, 1, "winograd"),  # a residual block's second convolution
+    (32, 32, 3, 1, 15, 1, "depthwise"),  # MobileNet's, an odd row
+    (48, 48, 3, 2, 14, 2, "depthwise"),  # downsampling, two images
     (16, 32, 3, 1, 16, 2, "winograd"),  # two images: tiles of both in one multiply
     (32, 32, 3, 1, 7, 1, "direct"),     # 7x7 output: a quarter of every 2x2 tile padding
     (32, 64, 3, 2, 14, 1, "direct"),    # downsampling
@@ -97,12 +100,13 @@ def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stri
     from hostkit.build.cpu_schedule import compile_untuned, nhwc_convolutions
     from hostkit.build.direct import direct_convolutions
 
-    mod, x, ref = _relax(_Block(cin, cout, kernel, stride), (batch, cin, size, size))
+    groups = cin if kind == "depthwise" else 1
+    mod, x, ref = _relax(_Block(cin, cout, kernel, stride, groups), (batch, cin, size, size))
     for target in _targets():
         rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
-        kernels = {name: _kernels(rewritten, name) for name in ("direct_conv", "winograd_gemm")}
-        expected = {"direct_conv": [1] if kind == "direct" else [],
-                    "winograd_gemm": [1] if kind == "winograd" else []}
+        names = {"direct": "direct_conv", "winograd": "winograd_gemm", "depthwise": "depthwise"}
+        kernels = {name: _kernels(rewritten, name) for name in names.values()}
+        expected = {name: [1] if kind == k else [] for k, name in names.items()}
         assert {k: [len(v)] if v else [] for k, v in kernels.items()} == expected, str(target)
         with caplog.at_level(logging.INFO, logger="edgekit"):
             vm = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())
@@ -113,21 +117,24 @@ def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stri
 
 
 def test_grouped_convolutions_stay_on_the_default_schedule() -> None:
+    """Groups of several channels (not depthwise): TVM's own lowering."""
     from hostkit.build.cpu_schedule import nhwc_convolutions
     from hostkit.build.direct import direct_convolutions
 
-    mod, _, _ = _relax(_Block(32, 32, 3, 1, groups=32), (1, 32, 14, 14))
+    mod, _, _ = _relax(_Block(32, 32, 3, 1, groups=4), (1, 32, 14, 14))
     target = _targets()[0]
     rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
-    assert _kernels(rewritten) == [] and _kernels(rewritten, "winograd") == []
+    assert [_kernels(rewritten, name) for name in ("direct", "winograd", "depthwise")] == \
+        [[], [], []]
 
 
-@pytest.mark.parametrize(("stride", "names"), [
-    (2, ("direct_conv",)),
-    (1, ("winograd_pack", "winograd_gemm", "winograd_unpack")),
+@pytest.mark.parametrize(("stride", "groups", "names"), [
+    (2, 1, ("direct_conv",)),
+    (1, 1, ("winograd_pack", "winograd_gemm", "winograd_unpack")),
+    (1, 32, ("depthwise_conv",)),
 ])
 def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
-        stride: int, names: tuple[str, ...], tmp_path: Any) -> None:
+        stride: int, groups: int, names: tuple[str, ...], tmp_path: Any) -> None:
     """In a tuned build's preparation the direct kernel and Winograd's three come scheduled
     (threads, vectors, the epilogue fused) and marked so, which keeps MetaSchedule from
     extracting them as tasks, and applying records passes over them."""
@@ -136,7 +143,7 @@ def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
     from hostkit.build.tuning.records import apply_records, prepare_module
     from hostkit.build.tuning.search import extract_tasks
 
-    mod, _, _ = _relax(_Block(32, 32, 3, stride), (1, 32, 28, 28))
+    mod, _, _ = _relax(_Block(32, 32, 3, stride, groups), (1, 32, 28, 28))
     target = _targets()[0]
     prepared = prepare_module(mod, target)
     for name in names:

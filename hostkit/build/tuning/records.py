@@ -50,7 +50,7 @@ __all__ = ["TuningRecords", "Coverage", "records_for", "RECORD_FILES", "TARGET_F
 
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 # The Relax preparations records belong to; change a name whenever its `prepare_module` changes.
-PREPARATION = "nhwc-direct-4"  # most convolutions on edgekit's own kernels (direct, Winograd F(2x2))
+PREPARATION = "nhwc-direct-5"  # convolutions on edgekit's kernels: direct, Winograd, depthwise
 WINOGRAD = "nhwc-winograd4-2"  # 3x3 stride-1 convolutions as Winograd F(4x4, 3x3)
 PREPARATIONS = (PREPARATION, WINOGRAD)
 # How MetaSchedule tells two kernels are the same task (tuning and applying must agree).
