@@ -81,7 +81,7 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
 def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
-    known = ("direct_conv", "winograd_pack", "winograd_gemm", "winograd_unpack", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+    known = ("direct_conv", "depthwise_conv", "winograd_pack", "winograd_gemm", "winograd_unpack", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
              "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
              "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
     ops, i = [], 0
@@ -125,6 +125,15 @@ def _conv(shapes: list[list[int]],
     return None
 
 
+def _depthwise(shapes: list[list[int]]) -> tuple[int, int, int, int, int] | None:
+    """(kh, kw, channels, out height, out width) of `hostkit.build.depthwise`'s kernel: NHWC
+    data, [kh, kw, c] weights."""
+    if len(shapes) < 3 or len(shapes[1]) != 3 or len(shapes[-1]) != 4:
+        return None
+    (kh, kw, c), out = shapes[1], shapes[-1]
+    return kh, kw, c, out[1], out[2]
+
+
 # `hostkit.build.direct_winograd`'s three kernels
 _WINOGRAD = {"winograd_pack": "input transform", "winograd_gemm": "multiply",
              "winograd_unpack": "output transform"}
@@ -141,6 +150,9 @@ def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:
     if conv is not None:
         kh, kw, cin, cout, oh, ow, _ = conv
         return f"conv2d {kh}x{kw} {cin}->{cout} @{oh}x{ow}{tail}"
+    if head == "depthwise_conv" and _depthwise(shapes):
+        kh, kw, c, oh, ow = _depthwise(shapes)  # type: ignore[misc]
+        return f"depthwise {kh}x{kw} {c} channels @{oh}x{ow}{tail}"
     if head in _WINOGRAD and len(shapes) >= 2:
         channels, outputs = shapes[0][-1], shapes[-1][-1]
         label = {"winograd_pack": f"{channels} channels", "winograd_unpack": f"{outputs} channels",
@@ -161,6 +173,9 @@ def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float,
     if conv is not None:
         kh, kw, _, cout, oh, ow, per_output = conv
         flops = 2 * shapes[-1][0] * cout * oh * ow * per_output * kh * kw
+    elif ops[0] == "depthwise_conv" and _depthwise(shapes):
+        kh, kw, c, oh, ow = _depthwise(shapes)  # type: ignore[misc]
+        flops = 2 * shapes[-1][0] * oh * ow * c * kh * kw
     elif ops[0] == "winograd_gemm" and len(shapes) == 3 and len(shapes[0]) == 3:
         flops = 2 * math.prod(shapes[0]) * shapes[-1][-1]  # the multiplies it does, 2.25x fewer
     elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) == 2:

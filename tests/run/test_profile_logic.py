@@ -90,3 +90,12 @@ def test_a_convolution_after_its_fused_batch_norm_is_named_as_one() -> None:
     row = kernel_rows(raw, 1, False, None).rows[0]
     assert row.name == "conv2d 1x1 64->128 @28x28 (+ subtract, divide, add, relu)"
     assert row.gflops == pytest.approx(2 * 28 * 28 * 128 * 64 / 1e-3 / 1e9, abs=0.05)
+
+
+def test_depthwise_kernels_are_named_with_their_shape() -> None:
+    raw = {"fused_depthwise_conv_3x3_96_112x112_subtract3_maximum2_minimum2": {
+        "calls": 1, "seconds": 0.001,
+        "shapes": [[1, 112, 112, 96], [3, 3, 96], [1, 1, 1, 96], [1, 56, 56, 96]]}}
+    row = kernel_rows(raw, 1, False, None).rows[0]
+    assert row.name == "depthwise 3x3 96 channels @56x56 (+ subtract, maximum, minimum)"
+    assert row.gflops == pytest.approx(2 * 56 * 56 * 96 * 9 / 1e-3 / 1e9, abs=0.05)
