@@ -99,9 +99,10 @@ def conv_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
 
 def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
     """`mod` with every float32 NHWC convolution that is not grouped, has constant weights (HWIO
-    or OHWI) and no dilation, and whose output channels a vector divides, on `conv_kernel`;
-    the others as they were. For LLVM CPU targets; any other target's module comes back as it
-    is."""
+    or OHWI) and no dilation, and whose output channels a vector divides, on `conv_kernel`, or
+    on `direct_winograd`'s kernels where its `tile_size` says so; depthwise ones on
+    `depthwise.depthwise_kernel`; the others as they were. For LLVM CPU targets; any other
+    target's module comes back as it is."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -121,8 +122,6 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         x = expr.args[0]
         shape = getattr(x.ty, "shape", None)
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-        if int(attrs.groups) != 1:
-            return _depthwise(builder, kernels, expr, matches[weight], lanes)
         if (layouts not in (NHWC, NHWC_OHWI)
                 or str(x.ty.dtype) != "float32" or str(attrs.out_dtype) not in ("", "float32")
                 or any(int(d) != 1 for d in attrs.dilation)
@@ -132,6 +131,8 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         w = matches[weight].value.numpy()
         if w.dtype != np.float32:
             return expr
+        if int(attrs.groups) != 1:
+            return _depthwise(builder, kernels, expr, w, lanes)
         if layouts == NHWC_OHWI:
             w = w.transpose(1, 2, 3, 0)  # OHWI -> HWIO
         kh, kw, _, out = w.shape
@@ -195,27 +196,18 @@ def _winograd(builder: Any, kernels: dict[tuple[Any, ...], Any], x: Any, w: np.n
     return relax.call_tir(funcs[2], [product], relax.TensorType((n, *out_hw, out), "float32"))
 
 
-def _depthwise(builder: Any, kernels: dict[tuple[Any, ...], Any], expr: Any, weight: Any,
+def _depthwise(builder: Any, kernels: dict[tuple[Any, ...], Any], expr: Any, w: np.ndarray,
                lanes: int) -> Any:
-    """A float32 NHWC depthwise convolution as `depthwise.depthwise_kernel`, or `expr` as it
-    was when it is not one."""
+    """A float32 NHWC grouped convolution (static shape, constant weights `w`) as
+    `depthwise.depthwise_kernel` when it is depthwise, else `expr` as it was."""
     from tvm import relax
 
     from hostkit.build import depthwise
 
     attrs, x = expr.attrs, expr.args[0]
-    shape = getattr(x.ty, "shape", None)
-    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-    if (layouts not in (NHWC, NHWC_OHWI) or str(x.ty.dtype) != "float32"
-            or str(attrs.out_dtype) not in ("", "float32")
-            or any(int(d) != 1 for d in attrs.dilation)
-            or not isinstance(shape, relax.ShapeExpr)
-            or not all(hasattr(d, "value") for d in shape.values)):
-        return expr
-    w = weight.value.numpy()
-    dims = tuple(int(d.value) for d in shape.values)
+    dims = tuple(int(d.value) for d in x.ty.shape.values)
     out = int(expr.ty.shape[3]) if hasattr(expr.ty, "shape") else -1
-    if w.dtype != np.float32 or not depthwise.eligible(int(attrs.groups), dims[3], out, lanes):
+    if not depthwise.eligible(int(attrs.groups), dims[3], out, lanes):
         return expr
     w = depthwise.weights_hwc(w, str(attrs.kernel_layout))
     kh, kw, _ = w.shape
