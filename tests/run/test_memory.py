@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,8 +77,12 @@ def test_model_larger_than_the_device_is_refused_before_upload(
     assert main(["deploy", "-i", str(inv), "-d", "dev", "resnet18", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["stage"] == "memory" and result["uploaded"] is None
-    assert result["error"].startswith("resnet18 needs about 101 MB on the device (library 47 MB "
-                                      "+ weights 47 MB + workspace 7 MB) but it has ")
+    # the library holds the weights as its kernels read them: Winograd's transformed weights
+    # are larger than the model's (60 MB against 47 since the tenth session)
+    need = re.match(r"resnet18 needs about (\d+) MB on the device \(library (\d+) MB "
+                    r"\+ weights 47 MB \+ workspace 7 MB\) but it has ", result["error"])
+    assert need, result["error"]
+    assert abs(int(need[1]) - (int(need[2]) + 47 + 7)) <= 1 and int(need[2]) >= 40
     available = result["device_info"]["memory_available_bytes"]
     assert available <= 64 << 20 and f"{available / 1e6:.0f} MB available" in result["error"]
     assert not list(small_daemon.store.glob("*.so")), "nothing was sent"
