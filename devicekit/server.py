@@ -67,7 +67,7 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     def _info() -> str:
         return json.dumps(device_info())
 
-    kernel_times: dict[str, list] = {}  # symbol -> [calls, seconds, argument shapes]
+    kernel_times: dict[str, list] = {}  # symbol -> [each call's seconds, argument shapes]
     started: list[float] = []
 
     @tvm_ffi.register_global_func("edgekit.profile_instrument", override=True)
@@ -80,9 +80,8 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
         entry = kernel_times.get(symbol)
         if entry is None:
             shapes = [list(getattr(a, "shape", ())) for a in args]
-            entry = kernel_times[symbol] = [0, 0.0, shapes]
-        entry[0] += 1
-        entry[1] += elapsed
+            entry = kernel_times[symbol] = [[], shapes]
+        entry[0].append(elapsed)
         return 0
 
     @tvm_ffi.register_global_func("edgekit.profile_attach", override=True)
@@ -95,7 +94,7 @@ def _register_functions(store_dir: str, daemon_pid: int) -> None:
     @tvm_ffi.register_global_func("edgekit.profile_take", override=True)
     def _take() -> str:
         """The kernel times gathered since the last call, as JSON; the record starts anew."""
-        report = {k: {"calls": v[0], "seconds": v[1], "shapes": v[2]}
+        report = {k: {"calls": len(v[0]), "seconds": sum(v[0]), "each": v[0], "shapes": v[1]}
                   for k, v in kernel_times.items()}
         kernel_times.clear()
         return json.dumps(report)

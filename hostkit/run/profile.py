@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,8 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
     builtin_ms = builtin_calls = 0.0
     rows = []
     for symbol, entry in raw.items():
-        per_run_ms = entry["seconds"] * 1e3 / runs
         calls = entry["calls"] / runs
+        per_run_ms = _typical_ms(entry) * calls
         if symbol.startswith("vm.builtin") or "." in symbol:
             builtin_ms += per_run_ms
             builtin_calls += calls
@@ -137,6 +138,15 @@ def _depthwise(shapes: list[list[int]]) -> tuple[int, int, int, int, int] | None
 # `hostkit.build.direct_winograd`'s three kernels
 _WINOGRAD = {"winograd_pack": "input transform", "winograd_gemm": "multiply",
              "winograd_unpack": "output transform"}
+
+
+def _typical_ms(entry: dict[str, Any]) -> float:
+    """A call's time: the median of its calls where the daemon sent each, so that one call slowed
+    by something else on the device (another process, a page fault) does not move the row."""
+    each = entry.get("each")
+    if not each:
+        return float(entry["seconds"]) * 1e3 / entry["calls"] if entry["calls"] else 0.0
+    return float(statistics.median(each)) * 1e3
 
 
 def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:

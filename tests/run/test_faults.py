@@ -30,6 +30,10 @@ from hostkit.run.deploy import RunOptions, run_fleet
 pytestmark = pytest.mark.integration
 
 STALL = 3.0
+# Eight boards' sessions here share this machine's two cores (each spinning TVM's thread pool while
+# it benchmarks): one board's one-call memory step once waited over 3 s for a core in CI. The fleet
+# test judges the host's share, not the stall watch, which the tests above judge at STALL.
+FLEET_STALL = 15.0
 MARGIN = 3.0  # seconds allowed past stall_timeout: polling, TVM unwinding, a loaded machine
 # Big enough that 8000 runs outlast stall_timeout and the faults timed into a benchmark (about
 # 0.8 ms a run with untuned builds' default schedule; the 32x32 default is ten times quicker).
@@ -364,7 +368,7 @@ def test_fleet_of_eight_behind_a_tracker(daemon: Daemon, fleet: Any, tmp_path: P
             boards.shape(i, "128kbit")
         devices = [Device(name=f"board{i}", target={"kind": "llvm"}, transport="tracker",
                           tracker=f"{boards.host_ip}:9190", key=f"ek18-{i}",
-                          stall_timeout=STALL) for i in range(8)]
+                          stall_timeout=FLEET_STALL) for i in range(8)]
         options = RunOptions(repeat=20)
         alone_spec = [ModelSpec("tinycnn", input_shape=(1, 3, 28, 28))]
         fleet_spec = [ModelSpec("tinycnn", input_shape=(1, 3, 30, 30))]

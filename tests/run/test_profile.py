@@ -20,14 +20,22 @@ def test_profile_resnet18_adds_up(daemon: Any, write_inventory: Any, tmp_path: P
     inv = write_inventory({"devices": {"dev": {"target": {"kind": "llvm"}, "host": "127.0.0.1",
                                                "port": daemon.port}}})
     rows_csv = tmp_path / "kernels.csv"
-    assert main(["profile", "-i", str(inv), "-d", "dev", "resnet18", "--runs", "2", "--repeat",
-                 "3", "--warmup", "1", "--json", "--csv", str(rows_csv)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["status"] == "ok", result["error"]
-    profile = result["profile"]
-    # timing each of ~160 calls (kernels and VM built-ins) costs some: kernels may sum to a
-    # little more than the untimed run; time they leave out would be a kernel not counted
-    assert -0.15 < profile["unaccounted"] < 0.10, profile["unaccounted"]
+    # timing each of ~200 calls (kernels and VM built-ins) costs some: kernels may sum to a
+    # little more than the untimed run; time they leave out would be a kernel not counted.
+    # Each row is its median call over 5 runs, but this shared machine sometimes slows for a
+    # while (an end-to-end p50 of 19 ms once against 12 in the runs before and after): a kernel
+    # left out would miss every time, a slow spell passes, so the profile gets three tries.
+    gaps = []
+    for _ in range(3):
+        assert main(["profile", "-i", str(inv), "-d", "dev", "resnet18", "--runs", "5", "--repeat",
+                     "5", "--warmup", "1", "--json", "--csv", str(rows_csv)]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["status"] == "ok", result["error"]
+        profile = result["profile"]
+        gaps.append(profile["unaccounted"])
+        if -0.15 < gaps[-1] < 0.10:
+            break
+    assert -0.15 < gaps[-1] < 0.10, gaps
     names = [row["name"] for row in profile["rows"]]
     # the 3x3 stride-1 convolutions run as Winograd's three kernels, the others direct
     assert any(name.startswith("winograd 3x3 multiply 64->64") for name in names), names

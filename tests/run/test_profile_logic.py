@@ -31,6 +31,15 @@ def test_rows_name_kernels_and_account_for_the_total() -> None:
     assert profile.unaccounted == pytest.approx(1 - 36.1 / 40.0)
 
 
+def test_a_row_is_its_median_call_so_one_slow_call_does_not_move_it() -> None:
+    each = [0.001, 0.001, 0.001, 0.009, 0.001, 0.001]  # one call slowed by something else
+    raw = {"conv2d3": {"calls": 6, "seconds": sum(each), "each": each,
+                       "shapes": [[1, 64, 56, 56], [64, 64, 3, 3], [1, 64, 56, 56]]}}
+    (row,) = kernel_rows(raw, runs=3, tuned=False, end_to_end_ms=2.0).rows
+    assert row.calls == 2 and row.mean_ms == pytest.approx(1.0)
+    assert row.total_ms == pytest.approx(2.0)  # the mean would say 4.67
+
+
 def test_nhwc_kernels_of_a_tuned_build_are_named_too() -> None:
     raw = {"fused_conv2d_add_relu": {"calls": 1, "seconds": 0.001,
                                      "shapes": [[1, 32, 32, 3], [16, 3, 3, 3], [1, 1, 1, 16],
