@@ -157,6 +157,38 @@ def test_relu6_between_convolutions_needs_no_transposes() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_clips_become_min_max_and_every_other_binding_stays() -> None:
+    """A detector binds its count of kept boxes with a `match_cast` after NMS's padded output;
+    rewriting the ReLU6 clips must keep it (TVM's `rewrite_call` dropped it, and SSDlite's
+    post-processing then took all 27000 padded rows as kept)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from hostkit.build.cpu_schedule import _clips_as_min_max
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    rows = relax.Var("rows", relax.TensorType((10, 3), "int64"))
+    kept = tirx.Var("kept", "int64")
+    with bb.function("main", [x, rows]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.clip(x, 0.0, 6.0))
+            found = bb.match_cast(rows, relax.TensorType([kept, 3], "int64"))
+            first = bb.emit(relax.op.strided_slice(found, axes=[1], begin=[0], end=[1]))
+            out = bb.emit_output(relax.Tuple([y, first]))
+        bb.emit_func_output(out)
+    script = _clips_as_min_max(bb.get())["main"].script()
+    assert "R.clip(" not in script and "R.minimum(" in script and "R.maximum(" in script
+    assert "R.match_cast(" in script and "R.Tensor((kept, 1)" in script, script
+
+    rng = np.random.default_rng(0)
+    data, boxes = rng.normal(size=(1, 8, 6, 6)).astype("float32") * 8, np.arange(30).reshape(10, 3)
+    vm = relax.VirtualMachine(tvm.compile(_clips_as_min_max(bb.get()), "llvm"), tvm.cpu())
+    clipped, column = vm["main"](tvm.runtime.tensor(data), tvm.runtime.tensor(boxes))
+    np.testing.assert_array_equal(clipped.numpy(), data.clip(0, 6))
+    np.testing.assert_array_equal(column.numpy(), boxes[:, :1])
+
+
 def test_wide_vectors_only_where_the_cpu_has_avx512_and_the_target_does_not_say() -> None:
     """AVX-512 CPUs get LLVM's full 512-bit vectors; others, and targets that choose, stay."""
     import tvm
