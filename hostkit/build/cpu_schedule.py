@@ -84,37 +84,26 @@ def _clips_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
 
     TVM's layout conversion knows no layout for `clip` and leaves it NCHW, with a transpose on
     each side: every ReLU6 of a MobileNet, and every int8 model's quantize, cost two. It knows
-    the elementwise maximum and minimum. Only the clips change: TVM's `rewrite_call` dropped
-    the `match_cast` binding a detector's count of kept boxes, and NMS's padded output then
-    reached the post-processing as if every box were kept (SSDlite's NHWC build failed on it)."""
-    import tvm
+    the elementwise maximum and minimum."""
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    clip = tvm.ir.Op.get("relax.clip")
+    from hostkit.build.rewrite import rewrite_calls
 
-    @mutator
-    class Clips(PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not isinstance(call, relax.Call) or call.op != clip:
-                return call
-            x, *bounds = call.args
-            values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
-            values = [getattr(v, "value", v) for v in values]
-            shape = getattr(x.ty, "shape", None)
-            if (not all(isinstance(v, (int, float)) for v in values)
-                    or not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4):
-                # feature maps only: a detector's box clamps stay clips (TVM's layout conversion
-                # crashed on FCOS's with them rewritten; an unknown shape cannot legalize)
-                return call
-            dtype = str(x.ty.dtype)
-            low = self.builder_.emit(relax.op.maximum(x, relax.const(values[0], dtype)))
-            return relax.op.minimum(low, relax.const(values[1], dtype))
+    def rewrite(call: Any, builder: Any) -> Any:
+        x, *bounds = call.args
+        values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
+        values = [getattr(v, "value", v) for v in values]
+        shape = getattr(x.ty, "shape", None)
+        if (not all(isinstance(v, (int, float)) for v in values)
+                or not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4):
+            # feature maps only: a detector's box clamps stay clips (TVM's layout conversion
+            # crashed on FCOS's with them rewritten; an unknown shape cannot legalize)
+            return call
+        dtype = str(x.ty.dtype)
+        low = builder.emit(relax.op.maximum(x, relax.const(values[0], dtype)))
+        return relax.op.minimum(low, relax.const(values[1], dtype))
 
-    mod = mod.clone()  # the caller's module stays as it was
-    mod["main"] = Clips(mod).visit_expr(mod["main"])
-    return mod
+    return rewrite_calls(mod, "relax.clip", rewrite)
 
 
 def build_pipeline(target: "tvm.target.Target", exact: bool = False) -> "tvm.transform.Pass":

@@ -104,31 +104,30 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
     `depthwise.depthwise_kernel`; the others as they were. For LLVM CPU targets; any other
     target's module comes back as it is."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.ir import GenericConst
 
     from hostkit.build import direct_winograd as winograd
+    from hostkit.build.rewrite import rewrite_calls
     from hostkit.build.targets import vector_bits
 
     if str(target.kind.name) != "llvm" or not any(gv.name_hint == "main" for gv in mod.functions):
         return mod
     lanes = max(vector_bits(target) // 32, 4)
-    weight = is_const()
-    conv = is_op("relax.nn.conv2d")(wildcard(), weight)
-    builder = relax.BlockBuilder(mod)
     kernels: dict[tuple[Any, ...], Any] = {}
 
-    def rewrite(expr: Any, matches: Any) -> Any:
+    def rewrite(expr: Any, builder: Any) -> Any:
         attrs = expr.attrs
-        x = expr.args[0]
+        x, weight = expr.args
         shape = getattr(x.ty, "shape", None)
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
         if (layouts not in (NHWC, NHWC_OHWI)
                 or str(x.ty.dtype) != "float32" or str(attrs.out_dtype) not in ("", "float32")
                 or any(int(d) != 1 for d in attrs.dilation)
                 or not isinstance(shape, relax.ShapeExpr)
-                or not all(hasattr(d, "value") for d in shape.values)):
+                or not all(hasattr(d, "value") for d in shape.values)
+                or not isinstance(weight, GenericConst) or not hasattr(weight.value, "numpy")):
             return expr
-        w = matches[weight].value.numpy()
+        w = weight.value.numpy()
         if w.dtype != np.float32:
             return expr
         if int(attrs.groups) != 1:
@@ -158,10 +157,7 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         return relax.call_tir(kernels[key], [x, relax.const(pack_weights(w, block))],
                               relax.TensorType((n, oh, ow, out), "float32"))
 
-    main = rewrite_call(conv, rewrite, mod["main"])
-    rewritten = builder.get()
-    rewritten["main"] = main
-    return rewritten
+    return rewrite_calls(mod, "relax.nn.conv2d", rewrite)
 
 
 def _winograd(builder: Any, kernels: dict[tuple[Any, ...], Any], x: Any, w: np.ndarray,
