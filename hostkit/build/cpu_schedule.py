@@ -130,11 +130,11 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
     """The executable of an untuned build: for an LLVM target in NHWC with default schedules,
     for any other target as TVM compiles it.
 
-    A module whose NHWC form does not build (SSD's post-processing, past its rewritten clips,
-    does not legalize) is built as it came. `exact` (an int8 model) keeps float multiplies out of their consumers' expressions: once a
-    multiply and an add share one, LLVM fuses them into an FMA, one rounding where PyTorch's
-    quantized model has two, and a value a hair from .5 then quantizes the other way (measured:
-    MobileNetV2 int8 0.19 off PyTorch's quantized model with them inlined, exact without)."""
+    A module whose NHWC form does not build is built as it came. `exact` (an int8 model) keeps
+    float multiplies out of their consumers' expressions: once a multiply and an add share one,
+    LLVM fuses them into an FMA, one rounding where PyTorch's quantized model has two, and a
+    value a hair from .5 then quantizes the other way (measured: MobileNetV2 int8 0.19 off
+    PyTorch's quantized model with them inlined, exact without)."""
     import tvm
 
     if str(target.kind.name) != "llvm":
@@ -148,10 +148,12 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
         from hostkit.build.direct import direct_convolutions
 
         # Batch norm as the multiply and add it is at inference, which fuse into the direct
-        # kernel's epilogue. Folded into the weights before the layout conversion, as a tuned
-        # build does, it crashed TVM's layout conversion on RetinaNet and FCOS (a segfault).
+        # kernel's epilogue (its (normalized, mean, var)[0] canonicalized, or fusion stops at the
+        # tuple: each ReLU6 a pass of its own). Folded into the weights before the layout
+        # conversion, as a tuned build does, it crashed that on RetinaNet and FCOS (a segfault).
         converted = direct_convolutions(tvm.transform.Sequential([
-            rt.DecomposeOpsForInference(), rt.FoldConstant()])(converted), target)
+            rt.DecomposeOpsForInference(), rt.CanonicalizeBindings(), rt.FoldConstant()])(
+                converted), target)
         try:
             return tvm.compile(converted, target, relax_pipeline=pipeline)
         except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower

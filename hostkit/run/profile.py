@@ -82,7 +82,8 @@ def kernel_rows(raw: dict[str, Any], runs: int, tuned: bool,
 def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
-    known = ("direct_conv", "depthwise_conv", "winograd_pack", "winograd_gemm", "winograd_unpack", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+    known = ("direct_conv", "depthwise_conv", "winograd_pack", "winograd_gemm", "winograd_unpack",
+             "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
              "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
              "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
     ops, i = [], 0

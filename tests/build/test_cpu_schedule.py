@@ -157,6 +157,47 @@ def test_relu6_between_convolutions_needs_no_transposes() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_batch_norm_and_relu6_run_in_the_convolutions_kernel() -> None:
+    """conv -> batch norm -> ReLU6: one kernel, the epilogue applied as the output is written
+    (batch norm decomposes to a tuple whose first field is taken; left so, fusion stopped at it
+    and each ReLU6 was a pass of its own over the feature map: MobileNetV2 4.5 -> 6.1 ms)."""
+    import tvm
+    from tvm import relax
+
+    from hostkit.build.cpu_schedule import compile_untuned
+
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
+    stats = [relax.const(rng.uniform(0.5, 1.5, 32).astype("float32")) for _ in range(4)]
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.normal(size=(32, 16, 1, 1))
+                                                          .astype("float32"))))
+            norm = bb.emit(relax.op.nn.batch_norm(y, *stats, axis=1, training=False))
+            y = bb.emit(relax.TupleGetItem(norm, 0))
+            out = bb.emit_output(relax.op.clip(y, 0.0, 6.0))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    target = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(compile_untuned(mod, target), tvm.cpu())
+    called: list[str] = []
+
+    def instrument(_func: object, symbol: str, before: bool, *_: object) -> int:
+        if before:
+            called.append(symbol)
+        return 0
+
+    vm.set_instrument(instrument)
+    data = rng.normal(size=(1, 16, 8, 8)).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    kernels = [s for s in called if "." not in s and "transpose" not in s]
+    assert len(kernels) == 1 and "maximum" in kernels[0] and "conv" in kernels[0], called
+    want = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_clips_become_min_max_and_every_other_binding_stays() -> None:
     """A detector binds its count of kept boxes with a `match_cast` after NMS's padded output;
     rewriting the ReLU6 clips must keep it (TVM's `rewrite_call` dropped it, and SSDlite's
