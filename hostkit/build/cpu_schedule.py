@@ -65,45 +65,19 @@ def nhwc_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.
     import tvm
     from tvm.relax import transform as rt
 
+    from hostkit.build.rewrite import clips_as_min_max
+
     try:
         with target:
             converted: tvm.IRModule = tvm.transform.Sequential([
                 rt.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
                 rt.FoldConstant(),
-            ])(_clips_as_min_max(mod))
+            ])(clips_as_min_max(mod))
     except Exception as exc:  # TVM raises its own errors from inside the pass
         log.info("convolutions stay NCHW: TVM's layout conversion stopped (%s)",
                  first_line(exc)[:200])
         return mod  # as it came: the detectors' post-processing is then left untouched
     return converted
-
-
-def _clips_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
-    """Every `clip(x, lo, hi)` of `main` on a feature map as `minimum(maximum(x, lo), hi)`, the
-    same values.
-
-    TVM's layout conversion knows no layout for `clip` and leaves it NCHW, with a transpose on
-    each side: every ReLU6 of a MobileNet, and every int8 model's quantize, cost two. It knows
-    the elementwise maximum and minimum."""
-    from tvm import relax
-
-    from hostkit.build.rewrite import rewrite_calls
-
-    def rewrite(call: Any, builder: Any) -> Any:
-        x, *bounds = call.args
-        values = [getattr(b, "value", None) for b in bounds]  # FloatImm, or a PrimValue's
-        values = [getattr(v, "value", v) for v in values]
-        shape = getattr(x.ty, "shape", None)
-        if (not all(isinstance(v, (int, float)) for v in values)
-                or not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4):
-            # feature maps only: a detector's box clamps stay clips (TVM's layout conversion
-            # crashed on FCOS's with them rewritten; an unknown shape cannot legalize)
-            return call
-        dtype = str(x.ty.dtype)
-        low = builder.emit(relax.op.maximum(x, relax.const(values[0], dtype)))
-        return relax.op.minimum(low, relax.const(values[1], dtype))
-
-    return rewrite_calls(mod, "relax.clip", rewrite)
 
 
 def build_pipeline(target: "tvm.target.Target", exact: bool = False) -> "tvm.transform.Pass":
@@ -146,6 +120,7 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
         from tvm.relax import transform as rt
 
         from hostkit.build.direct import direct_convolutions
+        from hostkit.build.rewrite import divides_as_multiplies
 
         # Batch norm as the multiply and add it is at inference, which fuse into the direct
         # kernel's epilogue (its (normalized, mean, var)[0] canonicalized, or fusion stops at the
@@ -154,6 +129,8 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
         converted = direct_convolutions(tvm.transform.Sequential([
             rt.DecomposeOpsForInference(), rt.CanonicalizeBindings(), rt.FoldConstant()])(
                 converted), target)
+        if not exact:
+            converted = divides_as_multiplies(converted)
         try:
             return tvm.compile(converted, target, relax_pipeline=pipeline)
         except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower
@@ -269,10 +246,11 @@ def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
     loops = sch.get_loops(block)
     spatial = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "S"]
     reduce = [loop for loop, kind in zip(loops, mine.dom_kind()) if kind == "R"]
-    lanes = max(_vector_bits(target) // 32, 4)
     weights = next(region.source for region in sch.get(block).reads
                    if len(region.source.shape) == 5)  # [out / block, kh, kw, in, block]
     width = int(weights.shape[-1])
+    lanes = max(_vector_bits(target) // 32, 4)
+    lanes = lanes if width % lanes == 0 else lanes // 2  # `direct.output_block`'s half vectors
     vectors = width // lanes
     *pixels, channels = spatial
     if not pixels or not reduce or _extent(sch, channels) is None:

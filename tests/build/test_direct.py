@@ -87,7 +87,8 @@ def _kernels(mod: Any, prefix: str = "direct_conv") -> list[str]:
     (32, 64, 3, 2, 14, 1, "direct"),    # downsampling
     (48, 96, 1, 1, 10, 1, "direct"),    # 1x1 (a block of one vector where two do not divide)
     (3, 64, 7, 2, 23, 1, "direct"),     # the stem: three input channels, an odd row of 12
-    (16, 24, 1, 1, 8, 1, None),         # 24 output channels: the default schedule
+    (96, 24, 1, 1, 9, 1, "direct"),     # MobileNetV2's 24 channels: three half vectors
+    (16, 20, 1, 1, 8, 1, None),         # 20 output channels: the default schedule
 ])
 def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stride: int,
                                           size: int, batch: int, kind: str | None,
