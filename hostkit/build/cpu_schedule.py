@@ -133,7 +133,7 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
             converted = divides_as_multiplies(converted)
         try:
             return tvm.compile(converted, target, relax_pipeline=pipeline)
-        except Exception as exc:  # e.g. SSD: the layout reaches post-processing TVM cannot lower
+        except Exception as exc:  # a layout TVM converted but cannot lower
             log.info("the NHWC module did not build (%s); building it NCHW",
                      first_line(exc)[:200])
     return tvm.compile(mod, target, relax_pipeline=pipeline)

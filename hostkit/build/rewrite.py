@@ -48,9 +48,10 @@ def divides_as_multiplies(mod: "tvm.IRModule") -> "tvm.IRModule":
     """Every float32 `x / c` in `main` by a constant `c` as `x * (1 / c)`, within a rounding.
 
     Inference's batch norm is `(x - mean) / sqrt(var + eps) * gamma + beta`: in each convolution's
-    epilogue the divide was a `vdivps` per output vector, as slow as 16 multiply-adds, and for a
-    MobileNet's 1x1 convolutions over 16 or 24 channels and its depthwise ones it cost as much as
-    the convolution. Not for int8 models, whose quantize must round as PyTorch's divide does."""
+    epilogue the divide was a `vdivps` per output vector, many times a multiply's cost, which
+    weighs most after convolutions with little work per output (a MobileNet's depthwise ones and
+    its 1x1s over 16-24 channels; MobileNetV2 a few percent faster). Not for int8 models, whose
+    quantize must round as PyTorch's divide does."""
     import numpy as np
     from tvm import relax
     from tvm.ir import GenericConst
