@@ -17,6 +17,7 @@ from hostkit.build.targets import check_cross_compiler, complete_from_device, re
 from hostkit.build.tuning.records import (
     PREPARATION,
     WINOGRAD,
+    binds_run_time_sizes,
     device_target,
     prepare_module,
     records_for,
@@ -77,7 +78,13 @@ def _tune(device: Device, spec: ModelSpec, trials: int, trials_per_task: int | N
             raise
         if records.exists():
             target = records.tuned_target(target)
-        prepared = prepare_module(import_relax(model, target), target, records.preparation)
+        imported = import_relax(model, target)
+        if binds_run_time_sizes(imported):
+            raise TuneError(f"{model.name} cannot be tuned yet: its post-processing has sizes "
+                            "known only at run time (the boxes NMS keeps), which a tuned build "
+                            "loses", device=device.name, stage="tune",
+                            hint=f"`edgekit deploy {model.name}` builds it untuned")
+        prepared = prepare_module(imported, target, records.preparation)
         tasks = extract_tasks(prepared, target, device.name)
         remaining = trials - before
         borrowed, boards, measure_s = Borrowed(), 1, 0.0

@@ -177,3 +177,23 @@ def test_tune_int8_model_then_deploy_applies_its_records(local_inventory: Path,
                  "5", "--json"]) == 0
     other = json.loads(capsys.readouterr().out)
     assert other["status"] == "ok" and other["tuned"] is False, "other scales, other records"
+
+
+def test_a_detector_is_refused_in_one_line(local_inventory: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """SSDlite binds the count of boxes NMS keeps at run time; the tuning preparation lost that
+    binding (`tune` stopped on "unexpected error: emit_te now only supports Tensor that has
+    ShapeExpr shape", and once past it, the tuned library crashed its daemon). It is refused in
+    one line naming the model, and no records are written."""
+    from hostkit.defaults import cache_dir
+
+    code = main(["tune", "-i", str(local_inventory), "--device", "local",
+                 "ssdlite320_mobilenet_v3_large", "--trials", "2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if "ssdlite320_mobilenet_v3_large" in line]
+    assert any("cannot be tuned yet" in line and "deploy" in line for line in lines), err
+    assert "unexpected error" not in err
+    written = [meta for meta in (cache_dir() / "tuning").rglob("meta.json")
+               if "ssdlite" in meta.read_text(encoding="utf-8")]
+    assert not written

@@ -307,6 +307,16 @@ def _number(value: Any) -> float:
     return float(getattr(value, "value", value))  # a FloatImm or, in newer builds, a float
 
 
+def binds_run_time_sizes(mod: "tvm.IRModule") -> bool:
+    """Whether `main` binds sizes known only at run time (`match_cast`: a detector's count of
+    boxes NMS kept). The tuning preparation loses such bindings (TVM's batch norm folding and
+    `rewrite_call` drop them); SSDlite prepared without one crashed its daemon."""
+    from tvm import relax
+
+    return any(isinstance(binding, relax.MatchCast)
+               for block in mod["main"].body.blocks for binding in block.bindings)
+
+
 def apply_records(prepared: "tvm.IRModule", work_dir: Path) -> tuple["tvm.IRModule", Coverage]:
     """Schedules from the records, then each weight's layout rewrite folded into a constant."""
     from tvm import transform
