@@ -310,7 +310,7 @@ def _number(value: Any) -> float:
 def binds_run_time_sizes(mod: "tvm.IRModule") -> bool:
     """Whether `main` binds sizes known only at run time (`match_cast`: a detector's count of
     boxes NMS kept). The tuning preparation loses such bindings (TVM's batch norm folding and
-    `rewrite_call` drop them); SSDlite prepared without one crashed its daemon."""
+    `rewrite_call` drop them); with SSDlite's kept, its tuned library still crashed its daemon."""
     from tvm import relax
 
     return any(isinstance(binding, relax.MatchCast)
