@@ -243,8 +243,8 @@ def test_two_deploys_to_one_daemon_and_an_abandoned_one(tmp_path: Path) -> None:
         rows: dict[str, RunResult] = {}
         second_started = threading.Event()
 
-        def first() -> None:
-            (rows["first"],) = run_fleet([device], TINY, RunOptions(repeat=8000), faults.step)
+        def first() -> None:  # benchmarks for ~6 s (0.25 ms a run): the second arrives meanwhile
+            (rows["first"],) = run_fleet([device], TINY, RunOptions(repeat=24000), faults.step)
 
         def second() -> None:
             def note(dev: str, model: str, what: str) -> None:
