@@ -197,3 +197,25 @@ def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int) -> None:
                                      torch.from_numpy(w).permute(3, 2, 0, 1), padding=1)
     ref_nhwc = ref.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(y, ref_nhwc, rtol=1e-4, atol=1e-4 * np.abs(ref_nhwc).max())
+
+
+@pytest.mark.parametrize(("shape", "out", "by"), [
+    ((1, 112, 112, 16), 96, "pixels"),   # MobileNetV2's expansion: 6 KB of weights, 800 KB of input
+    ((1, 7, 7, 512), 512, "channels"),   # a last layer: 1 MB of weights, 100 KB of input
+])
+def test_the_cores_share_blocks_by_whichever_reads_less(shape: tuple[int, int, int, int],
+                                                        out: int, by: str) -> None:
+    """By pixels, each core's next block is the next slice of channels of the same pixels (the
+    channel block is the parallel loop's fastest part); by channels, its next block is the
+    next pixels of the same slice (the slowest)."""
+    from hostkit.build.cpu_schedule import direct_schedule
+    from hostkit.build.direct import conv_kernel
+
+    sch = direct_schedule(conv_kernel(shape, (1, 1), (1, 1), (0, 0, 0, 0), out, 32),
+                          _targets()[0])
+    script = sch.mod.script()
+    binding = next(line for line in script.splitlines()
+                   if f"T.axis.spatial(T.int64({out})" in line and "_fused" in line)
+    slices, pixel_blocks = out // 32, shape[1] * (shape[2] // 14 if shape[2] % 14 == 0 else 1)
+    expected = f"% T.int64({slices})" if by == "pixels" else f"// T.int64({pixel_blocks})"
+    assert expected in binding, binding
