@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hostkit.build.direct import i64
+
 if TYPE_CHECKING:
     import tvm
 
@@ -27,12 +29,6 @@ def eligible(groups: int, channels: int, out_channels: int, lanes: int) -> bool:
     return groups == channels == out_channels and channels % lanes == 0
 
 
-def _i64(*values: int) -> tuple[Any, ...]:
-    from tvm import tirx
-
-    return tuple(tirx.IntImm("int64", v) for v in values)
-
-
 def depthwise_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
                      strides: tuple[int, int], padding: tuple[int, int, int, int]) -> Any:
     """out[n, y, x, c] = sum over (i, j) of x[n, y*sh + i - top, x*sw + j - left, c] . w[i, j, c]
@@ -44,10 +40,10 @@ def depthwise_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
     (kh, kw), (sh, sw) = kernel, strides
     top, left, bottom, right = padding
     oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
-    x = te.placeholder(_i64(n, h, w, c), "float32", name="x")
-    weights = te.placeholder(_i64(kh, kw, c), "float32", name="w")
-    ri = te.reduce_axis(_i64(0, kh), name="ri")
-    rj = te.reduce_axis(_i64(0, kw), name="rj")
+    x = te.placeholder(i64(n, h, w, c), "float32", name="x")
+    weights = te.placeholder(i64(kh, kw, c), "float32", name="w")
+    ri = te.reduce_axis(i64(0, kh), name="ri")
+    rj = te.reduce_axis(i64(0, kw), name="rj")
     zero = tirx.const(0.0, "float32")
 
     def value(b: Any, y: Any, xx: Any, k: Any) -> Any:
@@ -56,7 +52,7 @@ def depthwise_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
         return te.sum(tirx.if_then_else(inside, x[b, row, col, k], zero) * weights[ri, rj, k],
                       axis=[ri, rj])
 
-    out = te.compute(_i64(n, oh, ow, c), value, name=BLOCK)
+    out = te.compute(i64(n, oh, ow, c), value, name=BLOCK)
     return te.create_prim_func([x, weights, out]).with_attr("op_pattern", 4).without_attr(
         "global_symbol")
 

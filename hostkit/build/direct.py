@@ -28,7 +28,7 @@ import numpy as np
 if TYPE_CHECKING:
     import tvm
 
-__all__ = ["BLOCK", "output_block", "pack_weights", "conv_kernel",
+__all__ = ["BLOCK", "i64", "output_block", "pack_weights", "conv_kernel",
            "direct_convolutions"]
 
 BLOCK = "edgekit_conv"  # the convolution block `cpu_schedule.direct_schedule` recognises
@@ -55,7 +55,7 @@ def pack_weights(w_hwio: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
-def _i64(*values: int) -> tuple[Any, ...]:
+def i64(*values: int) -> tuple[Any, ...]:
     """Shapes as Relax's kernels type them (int64): FuseTIR refuses a buffer typed otherwise."""
     from tvm import tirx
 
@@ -75,21 +75,21 @@ def conv_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
     (kh, kw), (sh, sw) = kernel, strides
     top, left, bottom, right = padding
     oh, ow = (h + top + bottom - kh) // sh + 1, (wd + left + right - kw) // sw + 1
-    x = te.placeholder(_i64(n, h, wd, c), "float32", name="x")
-    w = te.placeholder(_i64(out_channels // block, kh, kw, c, block), "float32", name="w")
+    x = te.placeholder(i64(n, h, wd, c), "float32", name="x")
+    w = te.placeholder(i64(out_channels // block, kh, kw, c, block), "float32", name="w")
     source = x
     if top or left or bottom or right:
         zero = tirx.const(0.0, "float32")
         source = te.compute(
-            _i64(n, h + top + bottom, wd + left + right, c),
+            i64(n, h + top + bottom, wd + left + right, c),
             lambda b, i, j, k: tirx.if_then_else(
                 tirx.all(i >= top, i < h + top, j >= left, j < wd + left),
                 x[b, i - top, j - left, k], zero), name="pad")
-    rh = te.reduce_axis(_i64(0, kh), name="rh")
-    rw = te.reduce_axis(_i64(0, kw), name="rw")
-    rc = te.reduce_axis(_i64(0, c), name="rc")
+    rh = te.reduce_axis(i64(0, kh), name="rh")
+    rw = te.reduce_axis(i64(0, kw), name="rw")
+    rc = te.reduce_axis(i64(0, c), name="rc")
     out = te.compute(
-        _i64(n, oh, ow, out_channels),
+        i64(n, oh, ow, out_channels),
         lambda b, i, j, o: te.sum(source[b, i * sh + rh, j * sw + rw, rc]
                                   * w[o // block, rh, rw, rc, o % block], axis=[rh, rw, rc]),
         name=BLOCK)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hostkit.build.direct import i64
+
 if TYPE_CHECKING:
     import tvm
 
@@ -91,12 +93,6 @@ def tiles(n: int, out_hw: tuple[int, int], m: int) -> tuple[int, int, int]:
     return th, tw, padded
 
 
-def _i64(*values: int) -> tuple[Any, ...]:
-    from tvm import tirx
-
-    return tuple(tirx.IntImm("int64", v) for v in values)
-
-
 def _combine(terms: list[tuple[float, Any]]) -> Any:
     """sum of coefficient * value, zero coefficients dropped and +-1 not multiplied."""
     total = None
@@ -147,37 +143,37 @@ def pack_kernel(shape: tuple[int, int, int, int], padding: tuple[int, int, int, 
     _, b_mat, _ = _matrices(m)
     alpha = m + 2
     th, tw, padded = tiles(n, (h + top + bottom - 2, w + left + right - 2), m)
-    x = tirx.decl_buffer(_i64(n, h, w, c), "float32", name="x")
-    v = tirx.decl_buffer(_i64(alpha * alpha, padded, c), "float32", name="v")
+    x = tirx.decl_buffer(i64(n, h, w, c), "float32", name="x")
+    v = tirx.decl_buffer(i64(alpha * alpha, padded, c), "float32", name="v")
     outer = tirx.Var("outer", "int64")
     inner = tirx.Var("inner", "int64")
-    i64 = lambda value: tirx.IntImm("int64", value)  # noqa: E731
-    p = tirx.floordiv(outer, i64(c // lanes))
-    k = tirx.floormod(outer, i64(c // lanes)) * i64(lanes) + inner
-    image, t = tirx.floordiv(p, i64(th * tw)), tirx.floormod(p, i64(th * tw))
-    y0 = tirx.floordiv(t, i64(tw)) * i64(m) - i64(top)
-    x0 = tirx.floormod(t, i64(tw)) * i64(m) - i64(left)
+    int64 = lambda value: tirx.IntImm("int64", value)  # noqa: E731
+    p = tirx.floordiv(outer, int64(c // lanes))
+    k = tirx.floormod(outer, int64(c // lanes)) * int64(lanes) + inner
+    image, t = tirx.floordiv(p, int64(th * tw)), tirx.floormod(p, int64(th * tw))
+    y0 = tirx.floordiv(t, int64(tw)) * int64(m) - int64(top)
+    x0 = tirx.floormod(t, int64(tw)) * int64(m) - int64(left)
     loaded = {(i, j): tirx.Var(f"d{i}{j}", "float32") for i in range(alpha) for j in range(alpha)}
     rows = {(a, j): tirx.Var(f"r{a}{j}", "float32") for a in range(alpha) for j in range(alpha)}
     zero = tirx.const(0.0, "float32")
     steps: list[Any] = []
     for (i, j), var in loaded.items():
-        y, xx = y0 + i64(i), x0 + i64(j)
-        inside = tirx.all(p < i64(n * th * tw), y >= i64(0), y < i64(h), xx >= i64(0),
-                          xx < i64(w))
-        load = tirx.BufferLoad(x, [tirx.min(image, i64(n - 1)), y, xx, k])
+        y, xx = y0 + int64(i), x0 + int64(j)
+        inside = tirx.all(p < int64(n * th * tw), y >= int64(0), y < int64(h), xx >= int64(0),
+                          xx < int64(w))
+        load = tirx.BufferLoad(x, [tirx.min(image, int64(n - 1)), y, xx, k])
         steps.append(tirx.Bind(var, tirx.if_then_else(inside, load, zero)))
     for (a, j), var in rows.items():
         steps.append(tirx.Bind(var, _combine([(b_mat[i, a], loaded[i, j])
                                               for i in range(alpha)])))
     steps += [tirx.BufferStore(v, _combine([(b_mat[j, b], rows[a, j]) for j in range(alpha)]),
-                               [i64(a * alpha + b), p, k])
+                               [int64(a * alpha + b), p, k])
               for a in range(alpha) for b in range(alpha)]
     body: Any = tirx.SeqStmt(steps)
-    body = tirx.For(inner, i64(0), i64(lanes), tirx.ForKind.VECTORIZED, body)
-    body = tirx.For(outer, i64(0), i64(padded * (c // lanes)), tirx.ForKind.PARALLEL, body)
+    body = tirx.For(inner, int64(0), int64(lanes), tirx.ForKind.VECTORIZED, body)
+    body = tirx.For(outer, int64(0), int64(padded * (c // lanes)), tirx.ForKind.PARALLEL, body)
     # one opaque block under the root, as TVM's Relax passes expect of a kernel
-    whole = [tirx.BufferRegion(buffer, [Range.from_min_extent(i64(0), extent)
+    whole = [tirx.BufferRegion(buffer, [Range.from_min_extent(int64(0), extent)
                                         for extent in buffer.shape]) for buffer in (x, v)]
     body = s_tir.SBlockRealize([], True, s_tir.SBlock([], whole[:1], whole[1:], PACK, body))
     body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
@@ -192,12 +188,12 @@ def gemm_kernel(points: int, rows: int, channels: int, out_channels: int, block:
     into it."""
     from tvm import te
 
-    v = te.placeholder(_i64(points, rows, channels), "float32", name="v")
-    u = te.placeholder(_i64(points, out_channels // block, 1, channels, block), "float32",
+    v = te.placeholder(i64(points, rows, channels), "float32", name="v")
+    u = te.placeholder(i64(points, out_channels // block, 1, channels, block), "float32",
                        name="u")
-    rc = te.reduce_axis(_i64(0, channels), name="rc")
+    rc = te.reduce_axis(i64(0, channels), name="rc")
     out = te.compute(
-        _i64(points, rows, out_channels),
+        i64(points, rows, out_channels),
         lambda e, p, o: te.sum(v[e, p, rc] * u[e, o // block, 0, rc, o % block], axis=[rc]),
         name=GEMM)
     return te.create_prim_func([v, u, out]).with_attr("op_pattern", 8).without_attr(
@@ -213,14 +209,14 @@ def unpack_kernel(rows: int, out_shape: tuple[int, int, int, int], m: int) -> An
     a_mat, _, _ = _matrices(m)
     alpha = m + 2
     th, tw, _ = tiles(n, (oh, ow), m)
-    product = te.placeholder(_i64(alpha * alpha, rows, k), "float32", name="m")
+    product = te.placeholder(i64(alpha * alpha, rows, k), "float32", name="m")
 
     def value(b: Any, y: Any, xx: Any, o: Any) -> Any:
         p = b * (th * tw) + (y // m) * tw + xx // m
         pixels = _transform(a_mat, a_mat, lambda i, j: product[i * alpha + j, p, o])
         return _chain((y % m) * m + xx % m, pixels)
 
-    out = te.compute(_i64(n, oh, ow, k), value, name=UNPACK)
+    out = te.compute(i64(n, oh, ow, k), value, name=UNPACK)
     return te.create_prim_func([product, out]).with_attr("op_pattern", 2).without_attr(
         "global_symbol")
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hostkit.build.direct import i64
+
 if TYPE_CHECKING:
     import tvm
 
@@ -112,13 +114,6 @@ def register_intrinsic() -> None:
     _registered = True
 
 
-def _i64(*values: int) -> tuple[Any, ...]:
-    """Shapes as Relax's kernels type them (int64): FuseTIR refuses a buffer typed otherwise."""
-    from tvm import tirx
-
-    return tuple(tirx.IntImm("int64", v) for v in values)
-
-
 def matmul_kernel(pixels: tuple[int, ...], taps: int, depth: int, cols: int) -> Any:
     """out[*pixels, cols] = sum over (tap, d) of x[*pixels, tap, d] (uint8) . w (int8, packed
     by `pack_weights` over the flattened taps x depth), `depth` a multiple of 4. A 1x1
@@ -128,10 +123,10 @@ def matmul_kernel(pixels: tuple[int, ...], taps: int, depth: int, cols: int) -> 
     together."""
     from tvm import te
 
-    x = te.placeholder(_i64(*pixels, taps, depth), "uint8", name="x")
-    w = te.placeholder(_i64(cols // LANES, taps * depth // DEPTH, LANES, DEPTH), "int8", name="w")
-    t = te.reduce_axis(_i64(0, taps), name="t")
-    d = te.reduce_axis(_i64(0, depth), name="d")
+    x = te.placeholder(i64(*pixels, taps, depth), "uint8", name="x")
+    w = te.placeholder(i64(cols // LANES, taps * depth // DEPTH, LANES, DEPTH), "int8", name="w")
+    t = te.reduce_axis(i64(0, taps), name="t")
+    d = te.reduce_axis(i64(0, depth), name="d")
 
     def value(*index: Any) -> Any:
         *pixel, n = index
@@ -139,7 +134,7 @@ def matmul_kernel(pixels: tuple[int, ...], taps: int, depth: int, cols: int) -> 
         return te.sum(x[(*pixel, t, d)].astype("int32")
                       * w[n // LANES, group, n % LANES, d % DEPTH].astype("int32"), axis=[t, d])
 
-    out = te.compute(_i64(*pixels, cols), value, name=BLOCK)
+    out = te.compute(i64(*pixels, cols), value, name=BLOCK)
     # no global symbol of its own ("main"): the module it joins names it
     return te.create_prim_func([x, w, out]).with_attr("op_pattern", 4).without_attr(
         "global_symbol")
@@ -156,9 +151,9 @@ def im2col_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
 
     n, _, _, c = shape
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, strides, dilation, out
-    x = te.placeholder(_i64(*shape), "uint8", name="x")
+    x = te.placeholder(i64(*shape), "uint8", name="x")
     windows = te.compute(
-        _i64(n, oh, ow, kh, kw * c),
+        i64(n, oh, ow, kh, kw * c),
         lambda b, i, j, r, q: x[b, i * sh + r * dh, j * sw + q // c * dw, q % c], name=IM2COL)
     return te.create_prim_func([x, windows]).with_attr("op_pattern", 2).without_attr(
         "global_symbol")
