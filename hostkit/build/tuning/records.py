@@ -201,6 +201,8 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
     from tvm import relax, transform
     from tvm.relax import transform as rt
 
+    from hostkit.build.rewrite import clips_as_min_max
+
     with target:
         folded = transform.Sequential([
             rt.FoldBatchnormToConv2D(),
@@ -213,7 +215,7 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
             rt.DecomposeOpsForInference(),
             rt.CanonicalizeBindings(),
             rt.FoldConstant(),
-        ])(_clip_as_min_max(folded))
+        ])(clips_as_min_max(folded))
         if preparation == WINOGRAD:
             from hostkit.build.winograd import winograd_legalize_map
 
@@ -281,36 +283,10 @@ def _layout_free_weights_only(func: "tvm.tirx.PrimFunc") -> "tvm.tirx.PrimFunc":
     return func.without_attr("layout_free_buffers")
 
 
-def _clip_as_min_max(mod: "tvm.IRModule") -> "tvm.IRModule":
-    """`clip(x, lo, hi)` (ReLU6) as `minimum(maximum(x, lo), hi)`.
-
-    ConvertLayout does not know clip is elementwise: it would wrap every ReLU6 in a transpose
-    back to NCHW and another to NHWC, three kernels where there was one fused epilogue.
-    """
-    import tvm
-    from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    pattern = is_op("relax.clip")(wildcard(), wildcard(), wildcard())
-
-    def rewrite(call: Any, _matches: Any) -> Any:
-        dtype = call.args[0].ty.dtype
-        low, high = (relax.const(_number(arg.value), dtype) for arg in call.args[1:])
-        return relax.op.minimum(relax.op.maximum(call.args[0], low), high)
-
-    return tvm.IRModule({gv: rewrite_call(pattern, rewrite, func)
-                         if isinstance(func, relax.Function) else func
-                         for gv, func in mod.functions.items()}, attrs=mod.attrs)
-
-
-def _number(value: Any) -> float:
-    return float(getattr(value, "value", value))  # a FloatImm or, in newer builds, a float
-
-
 def binds_run_time_sizes(mod: "tvm.IRModule") -> bool:
     """Whether `main` binds sizes known only at run time (`match_cast`: a detector's count of
-    boxes NMS kept). The tuning preparation loses such bindings (TVM's batch norm folding and
-    `rewrite_call` drop them); with SSDlite's kept, its tuned library still crashed its daemon."""
+    boxes NMS kept). The tuning preparation loses such bindings (TVM's batch norm folding drops
+    them); with SSDlite's kept, its tuned library still crashed its daemon."""
     from tvm import relax
 
     return any(isinstance(binding, relax.MatchCast)
