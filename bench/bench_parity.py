@@ -8,8 +8,9 @@ Per model it tunes from no records (a cache of its own, unless `--cache` names o
 up to each checkpoint of `--minutes` (cumulative; each slice resumes the records of the one
 before), and at every checkpoint deploys TVM with the records so far and runs PyTorch and ONNX
 Runtime beside it on the device (`edgekit bench --baselines torch,onnxruntime`: same protocol,
-every engine checked against PyTorch), so each row's ratios are measured side by side. Minute 0
-is the untuned build. It prints the curve as a table, says after how many minutes of tuning TVM
+every engine checked against PyTorch), so each row's ratios are measured side by side; it does
+so `--rounds` times in turn and keeps each engine's median p50 (one run at a time, a spell of
+load on a shared machine moved one engine's figure by 40%). Minute 0 is the untuned build. It prints the curve as a table, says after how many minutes of tuning TVM
 first reached each engine's latency (or that it did not within the last checkpoint), and draws
 the curves as an SVG chart. Tuning overruns a slice by up to one measured round, so the minutes
 shown are the tuning actually done.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -51,18 +53,30 @@ def _p50(latency: Any) -> float | None:
 
 
 def measure(device: Any, name: str, minutes: float, trials: int, args: argparse.Namespace) -> Point:
+    """One point: `--rounds` runs of every engine in turn, each engine's median p50 over them,
+    so a spell of load on the shared machine slows one round of each engine, not one engine."""
     from hostkit.models import ModelSpec
     from hostkit.run.deploy import RunOptions, run_on_device
 
     options = RunOptions(repeat=args.repeat, warmup=args.warmup, use_tuning=minutes > 0,
                          baselines=ENGINES)
-    (result,) = run_on_device(device, [ModelSpec(name)], options)
-    if not result.ok:
-        raise SystemExit(f"bench_parity: {name} at {minutes:.1f} min: {result.error}")
-    peers = {b.engine: (_p50(b.latency_ms) if b.status == "ok" else None)
-             for b in result.baselines}
-    return Point(name, round(minutes, 2), trials, _p50(result.latency_ms), peers.get("torch"),
-                 peers.get("onnxruntime"), result.tuned_kernels, result.rel_err)
+    rounds: dict[str, list[float]] = {}
+    errors: list[float] = []
+    for _ in range(args.rounds):
+        (result,) = run_on_device(device, [ModelSpec(name)], options)
+        if not result.ok:
+            raise SystemExit(f"bench_parity: {name} at {minutes:.1f} min: {result.error}")
+        seen = {"tvm": _p50(result.latency_ms)} | {
+            b.engine: (_p50(b.latency_ms) if b.status == "ok" else None)
+            for b in result.baselines}
+        for engine, ms in seen.items():
+            if ms is not None:
+                rounds.setdefault(engine, []).append(ms)
+        if result.rel_err is not None:
+            errors.append(result.rel_err)
+    p50 = {engine: statistics.median(values) for engine, values in rounds.items()}
+    return Point(name, round(minutes, 2), trials, p50.get("tvm"), p50.get("torch"),
+                 p50.get("onnxruntime"), result.tuned_kernels, max(errors, default=None))
 
 
 def curve(device: Any, name: str, args: argparse.Namespace) -> list[Point]:
@@ -181,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inventory", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=50, help="timed inferences per engine")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of every engine per point; each engine's median counts")
     parser.add_argument("--trials", type=int, default=20000,
                         help="trial cap per slice (the clock usually ends it first)")
     parser.add_argument("--cache", type=Path, default=None,
