@@ -10,9 +10,10 @@ before), and at every checkpoint deploys TVM with the records so far and runs Py
 Runtime beside it on the device (`edgekit bench --baselines torch,onnxruntime`: same protocol,
 every engine checked against PyTorch), so each row's ratios are measured side by side; it does
 so `--rounds` times in turn and keeps each engine's median p50 (one run at a time, a spell of
-load on a shared machine moved one engine's figure by 40%). Minute 0 is the untuned build. It prints the curve as a table, says after how many minutes of tuning TVM
-first reached each engine's latency (or that it did not within the last checkpoint), and draws
-the curves as an SVG chart. Tuning overruns a slice by up to one measured round, so the minutes
+load on a shared machine moved one engine's figure by 40%). Minute 0 is the untuned build. It
+prints the curve as a table, says after how many minutes of tuning TVM first reached each
+engine's latency (or that it did not within the last checkpoint), and draws the curves as an
+SVG chart. Tuning overruns a slice by up to one measured round, so the minutes
 shown are the tuning actually done.
 """
 
