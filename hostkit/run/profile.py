@@ -83,7 +83,7 @@ def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
     known = ("direct_conv", "depthwise_conv", "winograd_pack", "winograd_gemm", "winograd_unpack",
-             "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
+             "gemv", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
              "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
              "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
     ops, i = [], 0
@@ -171,6 +171,8 @@ def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:
         return f"winograd 3x3 {_WINOGRAD[head]} {label}{tail}"
     if head == "matmul" and len(shapes) >= 2:
         return f"matmul {'x'.join(map(str, shapes[0]))} by {'x'.join(map(str, shapes[1]))}{tail}"
+    if head == "gemv" and len(shapes) >= 2 and len(shapes[1]) == 2:  # weights [out, in]
+        return f"matmul {'x'.join(map(str, shapes[0]))} by {shapes[1][1]}x{shapes[1][0]}{tail}"
     return f"{head}{tail}"
 
 
@@ -192,4 +194,6 @@ def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float,
     elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) == 2:
         a, b = shapes[0], shapes[1]
         flops = 2 * math.prod(a) * b[-1]
+    elif ops[0] == "gemv" and len(shapes) >= 2:
+        flops = 2 * math.prod(shapes[1])  # `hostkit.build.gemv`: one row by weights [out, in]
     return round(flops / (mean_ms * 1e-3) / 1e9, 1) if flops else None

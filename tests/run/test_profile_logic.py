@@ -59,6 +59,15 @@ def test_nhwc_kernels_of_a_tuned_build_are_named_too() -> None:
         "a blocked weight layout edgekit did not make is not guessed at"
 
 
+def test_the_matrix_vector_kernel_is_named_as_the_matmul_it_computes() -> None:
+    """`hostkit.build.gemv` keeps a linear layer's weights [out, in]: the row still says in x out."""
+    raw = {"fused_gemv_1280x1000_add24": {"calls": 1, "seconds": 0.0001,
+                                          "shapes": [[1, 1280], [1000, 1280], [1000], [1, 1000]]}}
+    (row,) = kernel_rows(raw, 1, False, None).rows
+    assert row.name == "matmul 1x1280 by 1280x1000 (+ add)"
+    assert row.gflops == pytest.approx(2 * 1280 * 1000 / 1e-4 / 1e9)
+
+
 def test_nhwc_kernels_of_an_untuned_build_are_named_from_hwio_weights() -> None:
     raw = {"fused_conv2d_add_relu": {"calls": 1, "seconds": 0.001,
                                      "shapes": [[1, 32, 32, 3], [3, 3, 3, 16], [1, 1, 1, 16],

@@ -222,8 +222,10 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
             legalized = rt.LegalizeOps(customize_legalize_map=winograd_legalize_map())(converted)
         else:
             from hostkit.build.direct import direct_convolutions
+            from hostkit.build.gemv import matrix_vector_products
 
-            legalized = rt.LegalizeOps()(direct_convolutions(converted, target))
+            legalized = rt.LegalizeOps()(matrix_vector_products(
+                direct_convolutions(converted, target), target))
         return _map_kernels(transform.Sequential([
             rt.AnnotateTIROpPattern(),
             rt.FoldConstant(),
