@@ -64,10 +64,12 @@ def i64(*values: int) -> tuple[Any, ...]:
 
 def conv_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
                 strides: tuple[int, int], padding: tuple[int, int, int, int],
-                out_channels: int, block: int) -> Any:
+                out_channels: int, block: int, nchw_input: bool = False) -> Any:
     """out[n, oh, ow, o] = sum over (kh, kw, c) of padded x[n, oh*sh + kh, ow*sw + kw, c] .
     w[o / block, kh, kw, c, o % block], for an NHWC float32 input of `shape` and weights packed
-    by `pack_weights`; padding as (top, left, bottom, right). Left unscheduled and marked fusable
+    by `pack_weights`; padding as (top, left, bottom, right). With `nchw_input` the kernel takes
+    that input NCHW and transposes it as it pads it (a model's first convolution: one pass over
+    the image instead of a transpose and then the padding). Left unscheduled and marked fusable
     (`op_pattern` 4), as `vnni.matmul_kernel`."""
     from tvm import te, tirx
 
@@ -75,16 +77,20 @@ def conv_kernel(shape: tuple[int, int, int, int], kernel: tuple[int, int],
     (kh, kw), (sh, sw) = kernel, strides
     top, left, bottom, right = padding
     oh, ow = (h + top + bottom - kh) // sh + 1, (wd + left + right - kw) // sw + 1
-    x = te.placeholder(i64(n, h, wd, c), "float32", name="x")
+    x = te.placeholder(i64(n, c, h, wd) if nchw_input else i64(n, h, wd, c), "float32", name="x")
     w = te.placeholder(i64(out_channels // block, kh, kw, c, block), "float32", name="w")
+
+    def read(b: Any, i: Any, j: Any, k: Any) -> Any:
+        return x[b, k, i, j] if nchw_input else x[b, i, j, k]
+
     source = x
-    if top or left or bottom or right:
+    if top or left or bottom or right or nchw_input:
         zero = tirx.const(0.0, "float32")
         source = te.compute(
             i64(n, h + top + bottom, wd + left + right, c),
             lambda b, i, j, k: tirx.if_then_else(
                 tirx.all(i >= top, i < h + top, j >= left, j < wd + left),
-                x[b, i - top, j - left, k], zero), name="pad")
+                read(b, i - top, j - left, k), zero), name="pad")
     rh = te.reduce_axis(i64(0, kh), name="rh")
     rw = te.reduce_axis(i64(0, kw), name="rw")
     rc = te.reduce_axis(i64(0, c), name="rc")
@@ -115,6 +121,7 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
         return mod
     lanes = max(vector_bits(target) // 32, 4)
     kernels: dict[tuple[Any, ...], Any] = {}
+    transposed = _nchw_sources(mod["main"])
 
     def rewrite(expr: Any, builder: Any) -> Any:
         attrs = expr.attrs
@@ -150,15 +157,33 @@ def direct_convolutions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tv
                                out)
         if m is not None:
             return _winograd(builder, kernels, x, w, dims, padding, (oh, ow), (block, lanes), m)
-        key = (dims, kh, kw, strides, padding, out, block)
+        nchw = next((source for var, source in transposed if var.same_as(x)), None)
+        key = (dims, kh, kw, strides, padding, out, block, nchw is not None)
         if key not in kernels:
             kernels[key] = builder.add_func(
-                conv_kernel(dims, (kh, kw), strides, padding, out, block),  # type: ignore[arg-type]
+                conv_kernel(dims, (kh, kw), strides, padding, out, block,  # type: ignore[arg-type]
+                            nchw_input=nchw is not None),
                 f"direct_conv_{kh}x{kw}_{dims[3]}x{out}_{h}x{wd}")
-        return relax.call_tir(kernels[key], [x, relax.const(pack_weights(w, block))],
+        return relax.call_tir(kernels[key], [x if nchw is None else nchw,
+                                             relax.const(pack_weights(w, block))],
                               relax.TensorType((n, oh, ow, out), "float32"))
 
     return rewrite_calls(mod, "relax.nn.conv2d", rewrite)
+
+
+def _nchw_sources(main: Any) -> list[tuple[Any, Any]]:
+    """(var, x) for every binding `var = permute_dims(x, [0, 2, 3, 1])` in `main`: an NCHW
+    tensor (the model's input) transposed for an NHWC convolution, which the direct kernel can
+    read as it was."""
+    from tvm import relax
+    from tvm.ir import Op
+
+    transpose = Op.get("relax.permute_dims")
+    return [(binding.var, binding.value.args[0])
+            for block in main.body.blocks for binding in block.bindings
+            if isinstance(binding.value, relax.Call) and binding.value.op.same_as(transpose)
+            and binding.value.attrs.axes is not None
+            and [int(a) for a in binding.value.attrs.axes] == [0, 2, 3, 1]]
 
 
 def _winograd(builder: Any, kernels: dict[tuple[Any, ...], Any], x: Any, w: np.ndarray,

@@ -114,8 +114,8 @@ def _conv(shapes: list[list[int]],
     packed = next((i for i in range(1, len(shapes) - 1) if len(shapes[i]) == 5), None)
     if packed is not None:
         data, w = shapes[packed - 1], shapes[packed]
-    if len(w) == 5 and w[0] * w[4] == out[3] and w[3] == data[3]:  # the direct kernel
-        return w[1], w[2], data[3], out[3], out[1], out[2], w[3]
+    if len(w) == 5 and w[0] * w[4] == out[3] and w[3] in (data[3], data[1]):  # the direct
+        return w[1], w[2], w[3], out[3], out[1], out[2], w[3]  # kernel (NCHW data: a first layer)
     if len(w) != 4:
         return None
     if w[0] == out[1] and w[1] and data[1] % w[1] == 0:  # NCHW data, OIHW weights

@@ -59,6 +59,16 @@ def test_nhwc_kernels_of_a_tuned_build_are_named_too() -> None:
         "a blocked weight layout edgekit did not make is not guessed at"
 
 
+def test_a_first_layer_reading_the_image_nchw_is_named_too() -> None:
+    """The direct kernel of a model's first convolution reads the NCHW image as it came."""
+    raw = {"fused_direct_conv_3x3_3x32_224x224_add": {
+        "calls": 1, "seconds": 0.0001,
+        "shapes": [[1, 3, 224, 224], [1, 3, 3, 3, 32], [32], [1, 112, 112, 32]]}}
+    (row,) = kernel_rows(raw, 1, False, None).rows
+    assert row.name == "conv2d 3x3 3->32 @112x112 (+ add)"
+    assert row.gflops == pytest.approx(2 * 112 * 112 * 32 * 3 * 9 / 1e-4 / 1e9, abs=0.05)
+
+
 def test_the_matrix_vector_kernel_is_named_as_the_matmul_it_computes() -> None:
     """`hostkit.build.gemv` keeps a linear layer's weights [out, in]: the row still says in x out."""
     raw = {"fused_gemv_1280x1000_add24": {"calls": 1, "seconds": 0.0001,
