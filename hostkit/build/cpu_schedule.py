@@ -121,6 +121,7 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
         from tvm.relax import transform as rt
 
         from hostkit.build.direct import direct_convolutions
+        from hostkit.build.expansion import fused_expansions
         from hostkit.build.gemv import matrix_vector_products
         from hostkit.build.rewrite import divides_as_multiplies
 
@@ -128,9 +129,11 @@ def compile_untuned(mod: "tvm.IRModule", target: "tvm.target.Target",
         # kernel's epilogue (its (normalized, mean, var)[0] canonicalized, or fusion stops at the
         # tuple: each ReLU6 a pass of its own). Folded into the weights before the layout
         # conversion, as a tuned build does, it crashed that on RetinaNet and FCOS (a segfault).
-        converted = matrix_vector_products(direct_convolutions(tvm.transform.Sequential([
+        converted = tvm.transform.Sequential([
             rt.DecomposeOpsForInference(), rt.CanonicalizeBindings(), rt.FoldConstant()])(
-                converted), target), target)
+                converted)
+        converted = matrix_vector_products(direct_convolutions(
+            fused_expansions(converted, target), target), target)
         if not exact:
             converted = divides_as_multiplies(converted)
         try:
@@ -234,13 +237,14 @@ def direct_schedule(func: Any, target: "tvm.target.Target") -> Any:
     from hostkit.build.depthwise import depthwise_schedule
     from hostkit.build.direct import BLOCK
     from hostkit.build.direct_winograd import GEMM, find_block, winograd_schedule
+    from hostkit.build.expansion import expansion_schedule
     from hostkit.build.gemv import gemv_schedule
     from hostkit.build.targets import registers
 
     sch = s_tir.Schedule(func)
     if (block := find_block(sch, (BLOCK, GEMM))) is None:
         return (winograd_schedule(func, target) or depthwise_schedule(func, target)
-                or gemv_schedule(func, target))
+                or gemv_schedule(func, target) or expansion_schedule(func, target))
     infos = normalize_prim_func(sch)
     if infos is None:
         return None

@@ -83,9 +83,10 @@ def _ops(symbol: str) -> list[str]:
     # TVM numbers kernels of one op kind (conv2d, conv2d1, ...) and fused ones by their parts.
     parts = [re.sub(r"\d+$", "", part) for part in symbol.removeprefix("fused_").split("_")]
     known = ("direct_conv", "depthwise_conv", "winograd_pack", "winograd_gemm", "winograd_unpack",
-             "gemv", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d", "adaptive_avg_pool2d",
-             "mean", "clip", "subtract", "divide", "reshape", "transpose", "concatenate", "round",
-             "astype", "maximum", "minimum", "sigmoid", "softmax", "layer_norm")
+             "gemv", "expansion", "conv2d", "matmul", "add", "relu", "multiply", "max_pool2d",
+             "adaptive_avg_pool2d", "mean", "clip", "subtract", "divide", "reshape", "transpose",
+             "concatenate", "round", "astype", "maximum", "minimum", "sigmoid", "softmax",
+             "layer_norm")
     ops, i = [], 0
     while i < len(parts):
         for width in (3, 2, 1):
@@ -136,6 +137,15 @@ def _depthwise(shapes: list[list[int]]) -> tuple[int, int, int, int, int] | None
     return kh, kw, c, out[1], out[2]
 
 
+def _expansion(shapes: list[list[int]]) -> tuple[int, int, int, int, int, int] | None:
+    """(in, out channels, height, width, out height, out width) of `hostkit.build.expansion`'s
+    kernel: NHWC data, [in, out] weights, a bias, [3, 3, out] depthwise weights."""
+    if len(shapes) < 5 or len(shapes[0]) != 4 or len(shapes[1]) != 2 or len(shapes[-1]) != 4:
+        return None
+    (_, h, w, cin), (_, cout), out = shapes[0], shapes[1], shapes[-1]
+    return cin, cout, h, w, out[1], out[2]
+
+
 # `hostkit.build.direct_winograd`'s three kernels
 _WINOGRAD = {"winograd_pack": "input transform", "winograd_gemm": "multiply",
              "winograd_unpack": "output transform"}
@@ -171,6 +181,10 @@ def _pretty(symbol: str, shapes: list[list[int]], tuned: bool) -> str:
         return f"winograd 3x3 {_WINOGRAD[head]} {label}{tail}"
     if head == "matmul" and len(shapes) >= 2:
         return f"matmul {'x'.join(map(str, shapes[0]))} by {'x'.join(map(str, shapes[1]))}{tail}"
+    if head == "expansion" and _expansion(shapes):
+        cin, cout, h, w, oh, ow = _expansion(shapes)  # type: ignore[misc]
+        return (f"conv2d 1x1 {cin}->{cout} @{h}x{w} + depthwise 3x3 {cout} channels "
+                f"@{oh}x{ow}{tail}")
     if head == "gemv" and len(shapes) >= 2 and len(shapes[1]) == 2:  # weights [out, in]
         return f"matmul {'x'.join(map(str, shapes[0]))} by {shapes[1][1]}x{shapes[1][0]}{tail}"
     return f"{head}{tail}"
@@ -194,6 +208,9 @@ def _gflops(symbol: str, shapes: list[list[int]], mean_ms: float,
     elif ops[0] == "matmul" and len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) == 2:
         a, b = shapes[0], shapes[1]
         flops = 2 * math.prod(a) * b[-1]
+    elif ops[0] == "expansion" and _expansion(shapes):
+        cin, cout, h, w, oh, ow = _expansion(shapes)  # type: ignore[misc]
+        flops = 2 * shapes[-1][0] * (h * w * cin * cout + oh * ow * cout * 9)
     elif ops[0] == "gemv" and len(shapes) >= 2:
         flops = 2 * math.prod(shapes[1])  # `hostkit.build.gemv`: one row by weights [out, in]
     return round(flops / (mean_ms * 1e-3) / 1e9, 1) if flops else None

@@ -70,7 +70,7 @@ def test_a_first_layer_reading_the_image_nchw_is_named_too() -> None:
 
 
 def test_the_matrix_vector_kernel_is_named_as_the_matmul_it_computes() -> None:
-    """`hostkit.build.gemv` keeps a linear layer's weights [out, in]: the row still says in x out."""
+    """`hostkit.build.gemv` keeps a linear layer's weights [out, in]: the row says in x out."""
     raw = {"fused_gemv_1280x1000_add24": {"calls": 1, "seconds": 0.0001,
                                           "shapes": [[1, 1280], [1000, 1280], [1000], [1, 1000]]}}
     (row,) = kernel_rows(raw, 1, False, None).rows
@@ -127,3 +127,15 @@ def test_depthwise_kernels_are_named_with_their_shape() -> None:
     row = kernel_rows(raw, 1, False, None).rows[0]
     assert row.name == "depthwise 3x3 96 channels @56x56 (+ subtract, maximum, minimum)"
     assert row.gflops == pytest.approx(2 * 56 * 56 * 96 * 9 / 1e-3 / 1e9, abs=0.05)
+
+
+def test_the_fused_expansion_is_named_by_both_convolutions() -> None:
+    """`hostkit.build.expansion`: a 1x1 expansion and a depthwise convolution in one kernel."""
+    raw = {"fused_expansion_16x96_depthwise_112x112_subtract3_multiply3": {
+        "calls": 1, "seconds": 0.0002,
+        "shapes": [[1, 112, 112, 16], [16, 96], [96], [3, 3, 96], [96], [96], [1, 56, 56, 96]]}}
+    (row,) = kernel_rows(raw, 1, False, None).rows
+    assert row.name == ("conv2d 1x1 16->96 @112x112 + depthwise 3x3 96 channels @56x56"
+                        " (+ subtract, multiply)")
+    flops = 2 * (112 * 112 * 16 * 96 + 56 * 56 * 96 * 9)
+    assert row.gflops == pytest.approx(flops / 2e-4 / 1e9, abs=0.05)

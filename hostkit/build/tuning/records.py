@@ -222,10 +222,11 @@ def prepare_module(mod: "tvm.IRModule", target: "tvm.target.Target",
             legalized = rt.LegalizeOps(customize_legalize_map=winograd_legalize_map())(converted)
         else:
             from hostkit.build.direct import direct_convolutions
+            from hostkit.build.expansion import fused_expansions
             from hostkit.build.gemv import matrix_vector_products
 
             legalized = rt.LegalizeOps()(matrix_vector_products(
-                direct_convolutions(converted, target), target))
+                direct_convolutions(fused_expansions(converted, target), target), target))
         return _map_kernels(transform.Sequential([
             rt.AnnotateTIROpPattern(),
             rt.FoldConstant(),
