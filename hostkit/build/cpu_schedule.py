@@ -27,11 +27,12 @@ kernel computes only by float rounding (an inlined multiply and add become one F
 int8 build, checked exactly, avoids (`compile_untuned(exact=True)`). edgekit's VNNI kernels are
 marked scheduled and left alone; a tuned build applies its records instead of this.
 
-Float convolutions that are not grouped and whose output channels a vector divides do not
-reach that rule: they run on edgekit's direct kernel (`hostkit.build.direct`, weights packed at
-build time), which `direct_schedule` schedules in untuned and tuned builds alike. With it, and
-the device's threads on every core: untuned ResNet-18 28.5 -> 12.0 ms, MobileNetV2 5.45 -> 4.16
-ms (in-process, 2 threads, outputs within 3e-5 of PyTorch).
+Most float convolutions never reach that rule: they run on edgekit's own kernels, which
+`direct_schedule` schedules in untuned and tuned builds alike (the direct kernel with weights
+packed at build time, Winograd's, the depthwise one, MobileNet's widest expansion fused with
+its depthwise convolution), as does a classifier's matrix-vector product (`hostkit.build.gemv`).
+With the direct kernel and the device's threads on every core: untuned ResNet-18 28.5 -> 12.0
+ms, MobileNetV2 5.45 -> 4.16 ms (in-process, 2 threads, outputs within 3e-5 of PyTorch).
 """
 
 from __future__ import annotations

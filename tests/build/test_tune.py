@@ -42,9 +42,10 @@ def test_tune_then_deploy_applies_records(local_inventory: Path, tmp_path: Path,
     console = _console()
     summary = tune_on_device(device, ModelSpec("tinycnn"), trials=10, trials_per_task=2,
                              time_budget_min=None, console=console)
-    # MetaSchedule checks the trial limit before each batch (2 trials here), so the last batch
-    # may pass it by one trial less than a batch.
-    assert summary["tasks"] >= 3 and 0 < summary["valid_trials"] <= summary["trials"] <= 10 + 1
+    # edgekit schedules tinycnn's convolutions and its head by hand: the tasks left are the
+    # pooling and the transpose before the flatten. MetaSchedule checks the trial limit before
+    # each batch (2 trials here), so the last batch may pass it by one trial less than a batch.
+    assert summary["tasks"] >= 2 and 0 < summary["valid_trials"] <= summary["trials"] <= 10 + 1
     records = Path(summary["records_dir"])
     assert (records / "database_tuning_record.json").stat().st_size > 0
     assert json.loads((records / "target.json").read_text())["num-cores"] >= 1
