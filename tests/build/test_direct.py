@@ -62,15 +62,6 @@ def _relax(block: _Block, shape: tuple[int, ...]) -> tuple[Any, np.ndarray, np.n
     return to_relax(torch.export.export(model, (x,))), x.numpy(), ref
 
 
-def _targets() -> list[Any]:
-    import tvm
-    from tvm.target import codegen
-
-    return [tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
-                               "num-cores": 2}),
-            tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})]
-
-
 def _kernels(mod: Any, prefix: str = "direct_conv") -> list[str]:
     from tvm import tirx
 
@@ -92,6 +83,7 @@ def _kernels(mod: Any, prefix: str = "direct_conv") -> list[str]:
 ])
 def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stride: int,
                                           size: int, batch: int, kind: str | None,
+                                          cpu_targets: list[Any],
                                           caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -103,7 +95,7 @@ def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stri
 
     groups = cin if kind == "depthwise" else 1
     mod, x, ref = _relax(_Block(cin, cout, kernel, stride, groups), (batch, cin, size, size))
-    for target in _targets():
+    for target in cpu_targets:
         rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
         names = {"direct": "direct_conv", "winograd": "winograd_gemm", "depthwise": "depthwise"}
         kernels = {name: _kernels(rewritten, name) for name in names.values()}
@@ -117,13 +109,13 @@ def test_convolution_blocks_match_pytorch(cin: int, cout: int, kernel: int, stri
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_grouped_convolutions_stay_on_the_default_schedule() -> None:
+def test_grouped_convolutions_stay_on_the_default_schedule(cpu_targets: list[Any]) -> None:
     """Groups of several channels (not depthwise): TVM's own lowering."""
     from hostkit.build.cpu_schedule import nhwc_convolutions
     from hostkit.build.direct import direct_convolutions
 
     mod, _, _ = _relax(_Block(32, 32, 3, 1, groups=4), (1, 32, 14, 14))
-    target = _targets()[0]
+    target = cpu_targets[0]
     rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
     assert [_kernels(rewritten, name) for name in ("direct", "winograd", "depthwise")] == \
         [[], [], []]
@@ -135,7 +127,8 @@ def test_grouped_convolutions_stay_on_the_default_schedule() -> None:
     (1, 32, ("depthwise_conv",)),
 ])
 def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
-        stride: int, groups: int, names: tuple[str, ...], tmp_path: Any) -> None:
+        stride: int, groups: int, names: tuple[str, ...], tmp_path: Any,
+        cpu_targets: list[Any]) -> None:
     """In a tuned build's preparation the direct kernel and Winograd's three come scheduled
     (threads, vectors, the epilogue fused) and marked so, which keeps MetaSchedule from
     extracting them as tasks, and applying records passes over them."""
@@ -145,7 +138,7 @@ def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
     from hostkit.build.tuning.search import extract_tasks
 
     mod, _, _ = _relax(_Block(32, 32, 3, stride, groups), (1, 32, 28, 28))
-    target = _targets()[0]
+    target = cpu_targets[0]
     prepared = prepare_module(mod, target)
     for name in names:
         kernels = [f for gv, f in prepared.functions.items()
@@ -164,7 +157,8 @@ def test_the_kernels_are_scheduled_by_hand_and_tuning_leaves_them(
 
 
 @pytest.mark.parametrize(("m", "size", "batch"), [(2, 10, 1), (4, 14, 1), (4, 9, 2)])
-def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int) -> None:
+def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int,
+                                        cpu_targets: list[Any]) -> None:
     """F(2x2) and F(4x4) alone (tiles past the edge of a row included), from the transformed
     weights to the NHWC output, against PyTorch's convolution."""
     import torch
@@ -173,7 +167,7 @@ def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int) -> None:
     from hostkit.build import direct_winograd as winograd
     from hostkit.build.cpu_schedule import direct_schedule
 
-    target, cin, cout, block = _targets()[0], 32, 64, 32
+    target, cin, cout, block = cpu_targets[0], 32, 64, 32
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, cin), dtype=np.float32)
     w = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
@@ -204,7 +198,8 @@ def test_winograd_kernels_match_pytorch(m: int, size: int, batch: int) -> None:
     ((1, 7, 7, 512), 512, "channels"),   # a last layer: 1 MB of weights, 100 KB of input
 ])
 def test_the_cores_share_blocks_by_whichever_reads_less(shape: tuple[int, int, int, int],
-                                                        out: int, by: str) -> None:
+                                                        out: int, by: str,
+                                                        cpu_targets: list[Any]) -> None:
     """By pixels, each core's next block is the next slice of channels of the same pixels (the
     channel block is the parallel loop's fastest part); by channels, its next block is the
     next pixels of the same slice (the slowest)."""
@@ -212,7 +207,7 @@ def test_the_cores_share_blocks_by_whichever_reads_less(shape: tuple[int, int, i
     from hostkit.build.direct import conv_kernel
 
     sch = direct_schedule(conv_kernel(shape, (1, 1), (1, 1), (0, 0, 0, 0), out, 32),
-                          _targets()[0])
+                          cpu_targets[0])
     script = sch.mod.script()
     binding = next(line for line in script.splitlines()
                    if f"T.axis.spatial(T.int64({out})" in line and "_fused" in line)
@@ -221,7 +216,7 @@ def test_the_cores_share_blocks_by_whichever_reads_less(shape: tuple[int, int, i
     assert expected in binding, binding
 
 
-def test_a_first_layer_reads_the_image_as_it_came() -> None:
+def test_a_first_layer_reads_the_image_as_it_came(cpu_targets: list[Any]) -> None:
     """The stem's direct kernel takes the NCHW image and transposes it as it pads it: no
     transpose of its own before it (0.03 of MobileNetV2's 3.2 ms), only the output's after."""
     import tvm
@@ -231,7 +226,7 @@ def test_a_first_layer_reads_the_image_as_it_came() -> None:
     from hostkit.build.direct import direct_convolutions
 
     mod, x, ref = _relax(_Block(3, 32, 3, 2), (1, 3, 24, 24))
-    target = _targets()[0]
+    target = cpu_targets[0]
     rewritten = direct_convolutions(nhwc_convolutions(mod, target), target)
     (kernel,) = [f for gv, f in rewritten.functions.items() if gv.name_hint.startswith("direct")]
     assert [int(d) for d in kernel.params[0].ty.shape] == [1, 3, 24, 24]

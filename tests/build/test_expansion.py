@@ -53,15 +53,6 @@ def _relax(cin: int, cout: int, size: int, stride: int = 2, batch: int = 1,
     return to_relax(torch.export.export(model, (x,))), x.numpy(), ref.numpy()
 
 
-def _targets() -> list[Any]:
-    import tvm
-    from tvm.target import codegen
-
-    return [tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
-                               "num-cores": 2}),
-            tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})]
-
-
 @pytest.mark.parametrize(("cin", "cout", "size", "stride", "batch", "clip", "shared", "large",
                           "taken"), [
     (16, 96, 112, 2, 1, True, False, True, True),     # MobileNetV2's: 4.8 MB widened
@@ -72,7 +63,7 @@ def _targets() -> list[Any]:
     (8, 32, 16, 2, 1, True, True, False, False),      # the widened map is read elsewhere too
 ])
 def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch: int, clip: bool,
-                             shared: bool, large: bool, taken: bool,
+                             shared: bool, large: bool, taken: bool, cpu_targets: list[Any],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`large` False: the pair is small, and `LARGE` is lowered to 0 to see what the rewrite
     would do with it."""
@@ -85,7 +76,7 @@ def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch:
     if not large:
         monkeypatch.setattr(expansion, "LARGE", 0)
     mod, x, ref = _relax(cin, cout, size, stride, batch, clip, shared)
-    for target in _targets():
+    for target in cpu_targets:
         executable = compile_untuned(mod, target)
         calls = executable.as_text()
         assert ("expansion_" in calls) == taken, str(target)
@@ -95,24 +86,14 @@ def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch:
 
 
 def test_the_kernel_is_scheduled_by_hand_and_tuning_leaves_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        prepared_kernel: Any, cpu_targets: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """In a tuned build's preparation (batch norm folded into the weights, OHWI) the pair
     comes as one kernel, scheduled and marked so: MetaSchedule extracts no task from it."""
-    from tvm import tirx
-
     from hostkit.build import expansion
-    from hostkit.build.tuning.records import prepare_module
     from hostkit.build.tuning.search import extract_tasks
 
     monkeypatch.setattr(expansion, "LARGE", 0)
     mod, _, _ = _relax(8, 32, 16)
-    target = _targets()[0]
-    prepared = prepare_module(mod, target)
-    kernels = [f for gv, f in prepared.functions.items()
-               if isinstance(f, tirx.PrimFunc) and "expansion" in gv.name_hint]
-    assert len(kernels) == 1, [gv.name_hint for gv in prepared.functions]
-    script = kernels[0].script()
-    assert kernels[0].attrs["tirx.is_scheduled"]
-    assert "T.parallel" in script and "T.vectorized" in script
-    tasks = [task.task_name for task in extract_tasks(prepared, target, "local")]
+    prepared, _ = prepared_kernel(mod, "expansion")
+    tasks = [task.task_name for task in extract_tasks(prepared, cpu_targets[0], "local")]
     assert not any("expansion" in task for task in tasks), tasks

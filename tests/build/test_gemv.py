@@ -2,7 +2,7 @@
 which ones it takes, that they still match PyTorch, and that tuning leaves them scheduled.
 
 Each case is a small classifier head (a linear layer, its bias, a ReLU after it) exported from
-PyTorch, built untuned for the machine's CPU and for a generic x86-64 one (256-bit vectors), and
+PyTorch, built untuned for the machine's CPU and for a generic x86-64 one (`cpu_targets`), and
 compared with PyTorch on the same weights.
 """
 
@@ -27,15 +27,6 @@ def _relax(rows: int, terms: int, outputs: int) -> tuple[Any, np.ndarray, np.nda
     return to_relax(torch.export.export(model, (x,))), x.numpy(), ref
 
 
-def _targets() -> list[Any]:
-    import tvm
-    from tvm.target import codegen
-
-    return [tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
-                               "num-cores": 2}),
-            tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})]
-
-
 def _gemv_kernels(mod: Any) -> list[str]:
     from tvm import tirx
 
@@ -50,7 +41,8 @@ def _gemv_kernels(mod: Any) -> list[str]:
     (2, 64, 10, False),     # two rows: a matrix product, TVM's own
     (1, 20, 10, False),     # 20 terms, which no vector divides
 ])
-def test_linear_layers_match_pytorch(rows: int, terms: int, outputs: int, taken: bool) -> None:
+def test_linear_layers_match_pytorch(rows: int, terms: int, outputs: int, taken: bool,
+                                     cpu_targets: list[Any]) -> None:
     import tvm
     from tvm import relax
 
@@ -58,7 +50,7 @@ def test_linear_layers_match_pytorch(rows: int, terms: int, outputs: int, taken:
     from hostkit.build.gemv import matrix_vector_products
 
     mod, x, ref = _relax(rows, terms, outputs)
-    for target in _targets():
+    for target in cpu_targets:
         with target:
             folded = relax.transform.FoldConstant()(mod)
         rewritten = matrix_vector_products(folded, target)
@@ -70,23 +62,15 @@ def test_linear_layers_match_pytorch(rows: int, terms: int, outputs: int, taken:
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_the_kernel_is_scheduled_by_hand_and_tuning_leaves_it() -> None:
-    """In a tuned build's preparation the kernel comes scheduled (threads, vectors, the bias
-    and ReLU fused) and marked so: MetaSchedule finds nothing left to tune in the head."""
-    from tvm import tirx
-
-    from hostkit.build.tuning.records import prepare_module
+def test_the_kernel_is_scheduled_by_hand_and_tuning_leaves_it(prepared_kernel: Any,
+                                                              cpu_targets: list[Any]) -> None:
+    """In a tuned build's preparation the kernel comes scheduled, the bias and ReLU fused, and
+    marked so: MetaSchedule finds nothing left to tune in the head."""
     from hostkit.build.tuning.search import extract_tasks
     from hostkit.errors import TuneError
 
     mod, _, _ = _relax(1, 256, 100)
-    target = _targets()[0]
-    prepared = prepare_module(mod, target)
-    kernels = [f for gv, f in prepared.functions.items()
-               if isinstance(f, tirx.PrimFunc) and "gemv" in gv.name_hint]
-    assert len(kernels) == 1, [gv.name_hint for gv in prepared.functions]
-    script = kernels[0].script()
-    assert kernels[0].attrs["tirx.is_scheduled"]
-    assert "T.parallel" in script and "T.vectorized" in script and "T.max" in script
+    prepared, script = prepared_kernel(mod, "gemv")
+    assert "T.max" in script
     with pytest.raises(TuneError, match="no kernel MetaSchedule can tune"):
-        extract_tasks(prepared, target, "local")
+        extract_tasks(prepared, cpu_targets[0], "local")
