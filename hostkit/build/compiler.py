@@ -31,7 +31,7 @@ __all__ = ["Artifact", "build_artifact", "import_relax", "file_sha256", "cores_k
            "PIPELINE_VERSION"]
 
 # Bumped whenever the way edgekit compiles changes, so old cached artifacts are not reused.
-PIPELINE_VERSION = 23
+PIPELINE_VERSION = 24
 
 
 @contextlib.contextmanager

@@ -143,8 +143,8 @@ def expansion_schedule(func: Any, target: "tvm.target.Target") -> Any:
 
 
 def fused_expansions(mod: "tvm.IRModule", target: "tvm.target.Target") -> "tvm.IRModule":
-    """`mod` with every float32 NHWC `conv2d 1x1 -> per-channel affine (batch norm) -> clip ->
-    depthwise conv2d 3x3, stride 2, padding 1` whose widened map is `LARGE` or more, with
+    """`mod` with every float32 NHWC `conv2d 1x1 -> per-channel affine (batch norm) -> clip or
+    ReLU -> depthwise conv2d 3x3, stride 2, padding 1` whose widened map is `LARGE` or more, with
     constant weights and nothing else reading its intermediate values, as one call of
     `expansion_kernel` (the affine folded into the expansion's weights and a bias); the rest as
     it was. For LLVM CPU targets; any other target's module comes back as it is."""
@@ -253,7 +253,8 @@ def _strided_depthwise(call: Any, lanes: int) -> tuple[Any, np.ndarray] | None:
 def _chain(var: Any, bindings: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, ...] | None:
     """(x, weights [in, out], scale, shift, (low, high)) where `var` is clip(expansion(x) *
     scale + shift, low, high): a 1x1 float32 NHWC convolution with constant weights, then
-    per-channel affine operations and clips of constants, each value read once; else None."""
+    per-channel affine operations and clips of constants (a ReLU is one), each value read once;
+    else None."""
     from tvm import relax
 
     ops: list[tuple[str, np.ndarray]] = []
@@ -262,6 +263,10 @@ def _chain(var: Any, bindings: dict[Any, Any], uses: dict[Any, int]) -> tuple[An
         if uses.get(var, 0) != 1 or not isinstance(value, relax.Call):
             return None
         name = str(getattr(value.op, "name", ""))
+        if name == "relax.nn.relu" and isinstance(value.args[0], relax.Var):
+            ops.append(("relax.maximum", np.zeros(1, np.float32)))
+            var = value.args[0]
+            continue
         if name not in AFFINE | CLIPS:
             break
         constant = _constant(value.args[1])

@@ -3,7 +3,7 @@
 leaves the kernel scheduled.
 
 Each case is the pair as MobileNetV2 has it (1x1 convolution, batch norm with statistics of its
-own, ReLU6 or none, depthwise 3x3 convolution, batch norm, ReLU6) exported from PyTorch, built
+own, ReLU6, ReLU or none, depthwise 3x3 convolution, batch norm, ReLU6) exported from PyTorch, built
 untuned for the machine's CPU and for a generic x86-64 one, and compared with PyTorch.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 
 def _relax(cin: int, cout: int, size: int, stride: int = 2, batch: int = 1,
-           clip: bool = True, shared: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
+           act: str | None = "relu6", shared: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
     """`shared`: the widened map is also an output of the model, so it must be written."""
     import torch
     from torch import nn
@@ -24,8 +24,8 @@ def _relax(cin: int, cout: int, size: int, stride: int = 2, batch: int = 1,
     from hostkit.build.relax_import import to_relax
 
     torch.manual_seed(0)
-    expand = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
-                           *([nn.ReLU6()] if clip else []))
+    activation = {"relu6": [nn.ReLU6()], "relu": [nn.ReLU()], None: []}[act]
+    expand = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), *activation)
     depthwise = nn.Sequential(nn.Conv2d(cout, cout, 3, stride, 1, groups=cout, bias=False),
                               nn.BatchNorm2d(cout), nn.ReLU6())
 
@@ -53,16 +53,18 @@ def _relax(cin: int, cout: int, size: int, stride: int = 2, batch: int = 1,
     return to_relax(torch.export.export(model, (x,))), x.numpy(), ref.numpy()
 
 
-@pytest.mark.parametrize(("cin", "cout", "size", "stride", "batch", "clip", "shared", "large",
+@pytest.mark.parametrize(("cin", "cout", "size", "stride", "batch", "act", "shared", "large",
                           "taken"), [
-    (16, 96, 112, 2, 1, True, False, True, True),     # MobileNetV2's: 4.8 MB widened
-    (24, 144, 56, 2, 1, True, False, True, False),    # its next: 1.8 MB, under `LARGE`
-    (8, 32, 15, 2, 2, True, False, False, True),      # odd rows, two images
-    (8, 48, 14, 2, 1, False, False, False, True),     # no clip; 48 channels: 16-lane chunks
-    (8, 32, 16, 1, 1, True, False, False, False),     # stride 1: each tile would redo a third
-    (8, 32, 16, 2, 1, True, True, False, False),      # the widened map is read elsewhere too
+    (16, 96, 112, 2, 1, "relu6", False, True, True),   # MobileNetV2's: 4.8 MB widened
+    (24, 144, 56, 2, 1, "relu6", False, True, False),  # its next: 1.8 MB, under `LARGE`
+    (8, 32, 15, 2, 2, "relu6", False, False, True),    # odd rows, two images
+    (8, 32, 14, 2, 1, "relu", False, False, True),     # MobileNetV3's and MnasNet's ReLU
+    (8, 48, 14, 2, 1, None, False, False, True),       # no clip; 48 channels: 16-lane chunks
+    (8, 32, 16, 1, 1, "relu6", False, False, False),   # stride 1: each tile would redo a third
+    (8, 32, 16, 2, 1, "relu6", True, False, False),    # the widened map is read elsewhere too
 ])
-def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch: int, clip: bool,
+def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch: int,
+                             act: str | None,
                              shared: bool, large: bool, taken: bool, cpu_targets: list[Any],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`large` False: the pair is small, and `LARGE` is lowered to 0 to see what the rewrite
@@ -75,7 +77,7 @@ def test_pairs_match_pytorch(cin: int, cout: int, size: int, stride: int, batch:
 
     if not large:
         monkeypatch.setattr(expansion, "LARGE", 0)
-    mod, x, ref = _relax(cin, cout, size, stride, batch, clip, shared)
+    mod, x, ref = _relax(cin, cout, size, stride, batch, act, shared)
     for target in cpu_targets:
         executable = compile_untuned(mod, target)
         calls = executable.as_text()
