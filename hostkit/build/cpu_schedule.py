@@ -1,16 +1,13 @@
 """Untuned CPU builds: convolutions in NHWC, and a default schedule for every kernel.
 
-Without tuning records TVM compiles each kernel as the loop nest Relax legalized it into: one
-thread, no vectors, an NCHW convolution's padding check in its innermost loop. That made an
-untuned ResNet-18 about 40 times slower than PyTorch. Here an untuned LLVM build
-(`compile_untuned`) first runs its convolutions in NHWC with HWIO weights (folded into new
-constants at build time), so a convolution's innermost output axis is its output channels and
-every weight row it reads is contiguous, and then gives each kernel nobody scheduled
-(`default_schedule`, after fusion) the schedule a person would write first:
+Without tuning records TVM compiles each kernel as the loop nest Relax legalized it into (one
+thread, no vectors): an untuned ResNet-18 was about 40 times slower than PyTorch. Here an
+untuned LLVM build (`compile_untuned`) runs its convolutions in NHWC with HWIO weights (folded
+at build time), so every weight row a convolution reads is contiguous, and gives each kernel
+nobody scheduled (`default_schedule`, after fusion) the schedule a person would write first:
 
 - elementwise blocks inlined into their elementwise neighbours, never into a reduction (a
-  padding block inlined into a convolution is recomputed for every use, its bounds check in
-  the innermost loop);
+  padding block there is recomputed for every use, its bounds check in the innermost loop);
 - each remaining block's spatial loops outermost, fused and parallel over the cores;
 - its innermost spatial loop split to the target's vector width and vectorized;
 - a reduction (a convolution, a matmul) accumulating in registers: rows of pixels (4, 7, 2 or
@@ -19,20 +16,19 @@ every weight row it reads is contiguous, and then gives each kernel nobody sched
   pixels than terms per output) the output channels are the outermost parallel axis, so a
   slice of weights stays in cache while every pixel uses it.
 
-Measured on the 2-core build machine (untuned, in-process): ResNet-18 fp32 2.5-3.2 s -> 0.28 s
-(four rows by one vector) -> 54 ms (rows by two vectors; 7x7 512->512 at 13 -> 40 GFLOP/s),
-MobileNetV2 fp32 348 -> 36 -> 10.6 ms, MobileNetV2 int8 31 -> 14.5 -> 6.2 ms, outputs unchanged
-against PyTorch. A kernel the rule cannot schedule stays as it was; scheduling changes what a
-kernel computes only by float rounding (an inlined multiply and add become one FMA), which an
-int8 build, checked exactly, avoids (`compile_untuned(exact=True)`). edgekit's VNNI kernels are
-marked scheduled and left alone; a tuned build applies its records instead of this.
+Measured on the 2-core build machine (untuned, in-process): ResNet-18 fp32 2.5-3.2 s -> 54 ms,
+MobileNetV2 fp32 348 -> 10.6 ms, int8 31 -> 6.2 ms, outputs unchanged against PyTorch. A
+kernel the rule cannot schedule stays as it was; scheduling changes what a kernel computes only
+by float rounding (an inlined multiply and add become one FMA), which an int8 build, checked
+exactly, avoids (`compile_untuned(exact=True)`). edgekit's VNNI kernels are marked scheduled
+and left alone; a tuned build applies its records instead of this.
 
 Most float convolutions never reach that rule: they run on edgekit's own kernels, which
 `direct_schedule` schedules in untuned and tuned builds alike (the direct kernel with weights
 packed at build time, Winograd's, the depthwise one, MobileNet's widest expansion fused with
 its depthwise convolution), as does a classifier's matrix-vector product (`hostkit.build.gemv`).
-With the direct kernel and the device's threads on every core: untuned ResNet-18 28.5 -> 12.0
-ms, MobileNetV2 5.45 -> 4.16 ms (in-process, 2 threads, outputs within 3e-5 of PyTorch).
+With them and the device's threads on every core, untuned ResNet-18 takes 11 ms and
+MobileNetV2 3 (in-process, 2 threads; bench/README.md has the history).
 """
 
 from __future__ import annotations
