@@ -432,6 +432,13 @@ def test_ctrl_c_prints_what_finished_and_jsonl_keeps_it(daemon: Daemon, tmp_path
         for line in host.stderr:
             if "long · tinycnn: benchmarking" in line:
                 break
+        # keep reading both pipes: a full one would block the CLI's next write
+        rest: list[str] = []
+        output: list[str] = []
+        drains = [threading.Thread(target=lambda: rest.extend(host.stderr or []), daemon=True),
+                  threading.Thread(target=lambda: output.extend(host.stdout or []), daemon=True)]
+        for drain in drains:
+            drain.start()
         written: list[Any] = []
         deadline = time.monotonic() + 30  # "gone" fails at once; on a loaded machine its row
         while not written and time.monotonic() < deadline:  # may reach the disk a bit later
@@ -443,11 +450,14 @@ def test_ctrl_c_prints_what_finished_and_jsonl_keeps_it(daemon: Daemon, tmp_path
         assert host.poll() is None, "still benchmarking when interrupted"
         start = time.monotonic()
         host.send_signal(signal.SIGINT)
-        out, err = host.communicate(timeout=60)
+        host.wait(timeout=60)
+        for drain in drains:
+            drain.join(10)
+        out, err = "".join(output), "".join(rest)
     finally:
         if host.poll() is None:
             host.kill()
-            host.communicate()
+            host.wait()
     print(f"\nCtrl-C: exited {host.returncode} after {time.monotonic() - start:.1f}s")
     assert host.returncode == 130, err
     rows = {r["device"]: r for r in json.loads(out)}
